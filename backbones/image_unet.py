@@ -1,0 +1,320 @@
+"""`ImageUNet`: the ADM / diffusers-style image UNet, as a `TappedDenoiser` (v-prediction).
+
+    net = ImageUNet.from_preset("tiny")                      # or ImageUNet(config) / ImageUNet(**fields)
+    v = net(x_t, t, cond)                                    # [N x C x H x W] -> same shape
+    feats = net.forward_features(x_t, t, layers="mid")       # {"mid": [N x C' x H' x W']}
+
+Taps, in execution order: ``down.i`` (encoder level i, after its Downsample), ``mid``,
+``up.i`` (decoder level i, up.0 = lowest resolution, after its Upsample). `feature_info`
+gives each tap's channels and reduction (input size / tap size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from perceptual_diffusion.denoiser import TappedDenoiser
+
+from .layers import (
+    ATTENTION_BACKENDS,
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    conv_nd,
+    timestep_embedding,
+)
+
+__all__ = ["ImageUNet", "ImageUNetConfig"]
+
+
+@dataclass(frozen=True)
+class ImageUNetConfig:
+    """Architecture of an `ImageUNet`; the defaults are the "default" preset (32x32 images).
+
+    Conditioning: `num_classes` (labels, plus a null label `num_classes` for CFG dropout) or
+    `context_dim` (cross-attention to a context (N, L, context_dim)), not both. Attention heads:
+    exactly one of `head_dim` / `num_heads`. Level i has base_channels * channel_mult[i] channels.
+    """
+
+    in_channels: int = 3
+    out_channels: int | None = None  # None: in_channels
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (2,)
+    head_dim: int | None = 32
+    num_heads: int | None = None
+    dropout: float = 0.0
+    num_classes: int | None = None
+    context_dim: int | None = None
+    groups: int = 32
+    attention_backend: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # recipes arrive as TOML/JSON, where tuples are lists
+        for name in ("channel_mult", "attention_levels"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive(name: str, value: Any, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ImageUNetConfig.{name} must be a positive int, got {value!r}")
+
+        for name in ("in_channels", "base_channels", "num_res_blocks", "groups"):
+            positive(name, getattr(self, name))
+        for name in ("out_channels", "head_dim", "num_heads", "num_classes", "context_dim"):
+            positive(name, getattr(self, name), allow_none=True)
+        if not self.channel_mult:
+            raise ValueError("ImageUNetConfig.channel_mult must name at least one level")
+        for m in self.channel_mult:
+            positive("channel_mult entries", m)
+        levels = len(self.channel_mult)
+        bad = [
+            i for i in self.attention_levels
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < levels
+        ]
+        if bad or len(set(self.attention_levels)) != len(self.attention_levels):
+            raise ValueError(
+                f"ImageUNetConfig.attention_levels={self.attention_levels} must be distinct level "
+                f"indices in [0, {levels - 1}]"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ImageUNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if (self.head_dim is None) == (self.num_heads is None):
+            raise ValueError("ImageUNetConfig: give exactly one of head_dim and num_heads")
+        if self.num_classes is not None and self.context_dim is not None:
+            raise ValueError("ImageUNetConfig: num_classes and context_dim are exclusive; set one of them")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"ImageUNetConfig.attention_backend={self.attention_backend!r}; "
+                f"choose one of {ATTENTION_BACKENDS}"
+            )
+        for i, m in enumerate(self.channel_mult):
+            ch = self.base_channels * m
+            if ch % self.groups:
+                raise ValueError(
+                    f"ImageUNetConfig: level {i} has {ch} channels, not divisible by groups={self.groups}"
+                )
+            # the midblock attends at the last level
+            if i in self.attention_levels or i == levels - 1:
+                split, what = (self.head_dim, "head_dim") if self.head_dim else (self.num_heads, "num_heads")
+                if ch % split:
+                    raise ValueError(
+                        f"ImageUNetConfig: level {i} has {ch} channels (with attention), "
+                        f"not divisible by {what}={split}"
+                    )
+
+
+class _Level(nn.Module):
+    """One resolution of the encoder or decoder: ResBlocks [+ AttentionBlocks] [+ resampler]."""
+
+    def __init__(self, res: list[nn.Module], attn: list[nn.Module], resample: nn.Module | None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)  # empty, or one per ResBlock
+        self.resample = resample
+
+
+class ImageUNet(TappedDenoiser):
+    """ADM-style UNet predicting v: x_t [N x C x H x W], t (N,), cond -> v like x_t (any H, W).
+
+    Build with ``ImageUNet(config)``, ``ImageUNet(**config_fields)``, ``ImageUNet(config, **overrides)``
+    or ``ImageUNet.from_preset(name, **overrides)``. `cond` is None, a LongTensor (N,) of labels
+    in [0, num_classes] (num_classes is the null label; None also means null), or a float
+    context (N, L, context_dim). Computes in the parameter dtype; returns v in x_t's dtype.
+    """
+
+    PRESETS: ClassVar[dict[str, ImageUNetConfig]] = {
+        "tiny": ImageUNetConfig(
+            base_channels=24, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+            head_dim=24, groups=8,
+        ),
+        "small": ImageUNetConfig(
+            base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), head_dim=32
+        ),
+        "default": ImageUNetConfig(),
+    }
+
+    def __init__(self, config: ImageUNetConfig | None = None, **overrides: Any):
+        super().__init__()
+        config = _apply_overrides(config or ImageUNetConfig(), overrides)
+        self.config = c = config
+        levels = len(c.channel_mult)
+        emb_dim = 4 * c.base_channels
+        heads = {"head_dim": c.head_dim} if c.head_dim else {"num_heads": c.num_heads}
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, dims=2, dropout=c.dropout, groups=c.groups)
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(
+                ch, **heads, context_dim=c.context_dim, backend=c.attention_backend, groups=c.groups
+            )
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(c.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.conv_in = conv_nd(2, c.in_channels, c.base_channels, 3, padding=1)
+
+        ch = c.base_channels
+        skip_chs = [ch]
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(c.channel_mult):
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks):
+                blocks.append(res(ch, c.base_channels * mult))
+                ch = c.base_channels * mult
+                if i in c.attention_levels:
+                    attns.append(attn(ch))
+                skip_chs.append(ch)
+            down = Downsample(ch, dims=2) if i < levels - 1 else None
+            if down is not None:
+                skip_chs.append(ch)
+            self.down.append(_Level(blocks, attns, down))
+
+        self.mid = nn.ModuleDict({"res1": res(ch, ch), "attn": attn(ch), "res2": res(ch, ch)})
+
+        self.up = nn.ModuleList()
+        for i in reversed(range(levels)):
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks + 1):
+                blocks.append(res(ch + skip_chs.pop(), c.base_channels * c.channel_mult[i]))
+                ch = c.base_channels * c.channel_mult[i]
+                if i in c.attention_levels:
+                    attns.append(attn(ch))
+            self.up.append(_Level(blocks, attns, Upsample(ch, dims=2) if i > 0 else None))
+
+        self.norm_out = nn.GroupNorm(c.groups, ch)
+        self.conv_out = conv_nd(2, ch, c.out_channels or c.in_channels, 3, padding=1)
+
+        self.feature_layers = tuple(
+            [f"down.{i}" for i in range(levels)] + ["mid"] + [f"up.{j}" for j in range(levels)]
+        )
+        chans = [c.base_channels * m for m in c.channel_mult]
+        red = [2 ** min(i + 1, levels - 1) for i in range(levels)]  # after Downsample
+        self.feature_info: dict[str, dict[str, int]] = {
+            **{f"down.{i}": {"channels": chans[i], "reduction": red[i]} for i in range(levels)},
+            "mid": {"channels": chans[-1], "reduction": 2 ** (levels - 1)},
+            **{
+                f"up.{j}": {"channels": chans[levels - 1 - j], "reduction": 2 ** max(levels - 2 - j, 0)}
+                for j in range(levels)
+            },
+        }
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ImageUNet:
+        """A net from `PRESETS[name]` with config fields replaced by `overrides`."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown ImageUNet preset {name!r}; presets: {', '.join(cls.PRESETS)}")
+        return cls(cls.PRESETS[name], **overrides)
+
+    def null_cond(self, cond: Any) -> Any:
+        """The unconditional counterpart of `cond`: the null label (same shape) for class labels."""
+        self._check_cond(cond)
+        if self.config.context_dim is not None:
+            raise ValueError(
+                "ImageUNet with cross-attention has no built-in null condition: pass an explicit "
+                "uncond context, e.g. the embedding of the empty prompt"
+            )
+        return None if cond is None else torch.full_like(cond, self.config.num_classes)
+
+    def _check_cond(self, cond: Any) -> None:
+        c = self.config
+        if cond is None:
+            if c.context_dim is not None:
+                raise ValueError(f"this ImageUNet needs a context tensor (N, L, {c.context_dim}) as cond")
+            return
+        if not isinstance(cond, Tensor):
+            raise TypeError(f"cond must be None or a Tensor, got {type(cond).__name__}")
+        if cond.is_floating_point():
+            if c.context_dim is None:
+                raise TypeError(
+                    f"got a float context {tuple(cond.shape)} as cond, but this ImageUNet has no "
+                    "cross-attention (context_dim=None)"
+                )
+            if cond.ndim != 3 or cond.shape[-1] != c.context_dim:
+                raise ValueError(f"context must be (N, L, {c.context_dim}), got {tuple(cond.shape)}")
+        elif cond.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            if c.num_classes is None:
+                raise TypeError("got class labels as cond, but this ImageUNet has no num_classes")
+            if cond.ndim != 1:
+                raise ValueError(f"class labels must be a LongTensor (N,), got shape {tuple(cond.shape)}")
+        else:
+            raise TypeError(f"cond must be class labels (integer) or a float context, got dtype {cond.dtype}")
+
+    def _block(self, block: nn.Module, *args: Any) -> Tensor:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _run(self, x_t: Tensor, t: Tensor, cond: Any, tap: Callable[[str, Tensor], Tensor]) -> Tensor:
+        self._check_cond(cond)
+        n = x_t.shape[0]
+        dtype = self.conv_in.weight.dtype
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(n) if t.ndim == 0 else t
+        emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(dtype))
+        context = None
+        if self.label_embed is not None:
+            labels = torch.full((n,), self.config.num_classes, device=x_t.device) if cond is None else cond
+            if labels.shape[0] != n:
+                raise ValueError(f"got {labels.shape[0]} class labels for a batch of {n}")
+            emb = emb + self.label_embed(labels.long())
+        elif cond is not None:
+            if cond.shape[0] != n:
+                raise ValueError(f"got a context of batch {cond.shape[0]} for a batch of {n}")
+            context = cond.to(dtype)
+
+        h = self.conv_in(x_t.to(dtype))
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for j, block in enumerate(level.res):
+                h = self._block(block, h, emb)
+                if level.attn:
+                    h = self._block(level.attn[j], h, context)
+                skips.append(h)
+            if level.resample is not None:
+                h = self._block(level.resample, h)
+                skips.append(h)
+            h = tap(f"down.{i}", h)
+
+        h = self._block(self.mid["res1"], h, emb)
+        h = self._block(self.mid["attn"], h, context)
+        h = self._block(self.mid["res2"], h, emb)
+        h = tap("mid", h)
+
+        for i, level in enumerate(self.up):
+            for j, block in enumerate(level.res):
+                h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb)
+                if level.attn:
+                    h = self._block(level.attn[j], h, context)
+            if level.resample is not None:
+                # upsample to the size of the matching skip, so odd sizes round-trip
+                h = self._block(level.resample, h, tuple(skips[-1].shape[2:]))
+            h = tap(f"up.{i}", h)
+
+        v = self.conv_out(nn.functional.silu(self.norm_out(h)))
+        return v.to(x_t.dtype)
+
+
+def _apply_overrides(config: ImageUNetConfig, overrides: dict[str, Any]) -> ImageUNetConfig:
+    fields = {f.name for f in dataclasses.fields(ImageUNetConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(
+            f"unknown ImageUNet config field(s) {', '.join(map(repr, unknown))}; "
+            f"fields: {', '.join(sorted(fields))}"
+        )
+    return dataclasses.replace(config, **overrides) if overrides else config

@@ -1,0 +1,50 @@
+"""Small rank-generic denoisers for tests of the objectives (any of 1-D, 2-D, 3-D data)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from perceptual_diffusion.denoiser import TappedDenoiser
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class TinyConvDenoiser(TappedDenoiser):
+    """conv -> down.0 -> down.1 -> mid -> up.0 -> up.1 -> out, with t and class conditioning.
+
+    Submodule names tell encoder (enc*) and decoder (dec*) apart for call-counting tests.
+    """
+
+    feature_layers = ("down.0", "down.1", "mid", "up.0", "up.1")
+
+    def __init__(self, dims: int = 2, channels: int = 2, width: int = 8, num_classes: int | None = None):
+        super().__init__()
+        conv = _CONV[dims]
+        self.enc_in = conv(channels, width, 3, padding=1)
+        self.enc0 = conv(width, width, 3, padding=1)
+        self.enc1 = conv(width, width, 3, padding=1)
+        self.mid = conv(width, width, 3, padding=1)
+        self.dec0 = conv(2 * width, width, 3, padding=1)
+        self.dec1 = conv(2 * width, width, 3, padding=1)
+        self.dec_out = conv(width, channels, 3, padding=1)
+        self.t_embed = nn.Linear(1, width)
+        self.class_embed = nn.Embedding(num_classes + 1, width) if num_classes else None
+        self.num_classes = num_classes
+
+    def _run(self, x, t, cond, tap):
+        x = x.to(self.enc_in.weight.dtype)
+        emb = self.t_embed((t.float()[:, None] / 1000).to(x.dtype))
+        if cond is not None:
+            emb = emb + self.class_embed(cond)
+        emb = emb.reshape(*emb.shape, *([1] * (x.ndim - 2)))
+        h = torch.tanh(self.enc_in(x) + emb)
+        h0 = tap("down.0", torch.tanh(self.enc0(h)))
+        h1 = tap("down.1", torch.tanh(self.enc1(h0)))
+        h = tap("mid", torch.tanh(self.mid(h1)))
+        h = tap("up.0", torch.tanh(self.dec0(torch.cat([h, h1], 1))))
+        h = tap("up.1", torch.tanh(self.dec1(torch.cat([h, h0], 1))))
+        return self.dec_out(h)
+
+    def null_cond(self, cond):
+        return torch.full_like(cond, self.num_classes)
