@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -73,6 +74,16 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,7 +114,7 @@ def main(argv=None) -> dict:
     frozen_literal = make_perceptual(net, dtype=DTYPES[args.frozen_dtype])
     variants = {
         "mse": VelocityMSE(schedule),
-        "sp_algorithm1_literal": LiteralAlgorithm1(schedule, frozen_literal, frozen_literal.mid),
+        "sp_algorithm1_literal": LiteralAlgorithm1(schedule, frozen_literal, frozen_literal.mid["res2"]),
         "sp_library": SelfPerceptual(schedule, frozen, layers="mid"),
     }
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
@@ -142,7 +153,7 @@ def main(argv=None) -> dict:
 
     base = statistics.median(times["mse"])
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+               else f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads")
     result = {
         "machine": machine, "torch": torch.__version__, "preset": args.preset,
         "params": sum(p.numel() for p in net.parameters()), "batch": args.batch, "size": args.size,
