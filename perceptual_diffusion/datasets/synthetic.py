@@ -1,11 +1,12 @@
-"""Data that ships with the library (generated, no download)."""
+"""Generated data (no download): the paper's Figure 2a one-disk toy."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-__all__ = ["circles"]
+__all__ = ["circles", "CirclesDataset"]
 
 
 def circles(n: int, size: int = 32, seed: int = 0, min_radius: float | None = None,
@@ -27,3 +28,20 @@ def circles(n: int, size: int = 32, seed: int = 0, min_radius: float | None = No
     d2 = (coords[None, None, :] - cx[:, None, None]) ** 2 + (coords[None, :, None] - cy[:, None, None]) ** 2
     disk = d2 <= r[:, None, None] ** 2
     return (disk.float() * 2 - 1)[:, None]
+
+
+class CirclesDataset(Dataset):
+    """`circles(num_items, size, seed)` as a map-style dataset: items {"x": (1, size, size)}.
+
+    The images are generated once up front (4096 at 32x32 is 16 MiB), so an item depends on
+    the seed only, never on the order or the process that reads it.
+    """
+
+    def __init__(self, num_items: int = 4096, size: int = 32, seed: int = 0):
+        self.images = circles(num_items, size, seed)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"x": self.images[index]}

@@ -1,0 +1,425 @@
+"""The training engine: the paper's two stages (section 4) on Hugging Face accelerate.
+
+Stage "mse" trains v-prediction MSE (eq. 5) with conditional dropout; stage "sp" starts from
+the stage-1 checkpoint, freezes a copy of it as the perceptual network (EMA weights by
+default) and trains the self-perceptual objective (eq. 12). The same code runs on one CPU, one
+GPU, or many processes under `accelerate launch` / torchrun.
+
+Nothing is lost on a fault: checkpoints are atomic and hold every state needed for an exact
+resume (weights, EMA, optimizer, LR schedule, grad scaler, every process's RNG, the data
+position); SIGTERM/SIGINT save at the next step boundary; a non-finite loss or gradient stops
+the run naming the step (or, with ``train.nonfinite = "skip"``, skips and counts the step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import Recipe, RecipeError, StageConfig, recipe_to_dict, save_recipe
+from .datasets import build_dataset, make_loader, num_classes
+from .datasets.loader import ResumableBatchSampler
+from .ema import EMA
+from .images import save_grid
+from .objectives import SelfPerceptual, VelocityMSE, make_perceptual
+from .sampling import ddim_sample
+from .schedule import NoiseSchedule
+
+__all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "build_model", "build_schedule"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or gradient (train.nonfinite = "stop")."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    final_loss: float
+    seconds: float
+    checkpoint: str
+    skipped_nonfinite: int = 0
+    skipped_items: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    stages: list[StageResult] = field(default_factory=list)
+    interrupted_by: int | None = None   # the signal number that stopped the run, if any
+    stopped_at: int | None = None       # global step of the interruption checkpoint
+
+
+def build_schedule(recipe: Recipe) -> NoiseSchedule:
+    s = recipe.schedule
+    kwargs: dict[str, Any] = {"num_timesteps": s.num_timesteps, "zero_terminal_snr": s.zero_terminal_snr}
+    if s.kind != "cosine":
+        kwargs.update(beta_start=s.beta_start, beta_end=s.beta_end)
+    return NoiseSchedule.from_name(s.kind, **kwargs)
+
+
+def build_model(recipe: Recipe) -> torch.nn.Module:
+    """The recipe's backbone, with in_channels and num_classes taken from the data."""
+    from backbones import build_backbone
+
+    m = recipe.model
+    overrides = {"in_channels": recipe.data.channels, "num_classes": num_classes(recipe.data), **m.overrides}
+    try:
+        return build_backbone(m.backbone, m.preset, **overrides)
+    except (TypeError, ValueError) as e:  # an unknown preset or config field comes from the recipe
+        raise RecipeError(f"model: {e}") from e
+
+
+def _param_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_info(meta: dict) -> dict:
+    """The trainer's fields of a checkpoint's meta (stage, stage_step, final, recipe, step)."""
+    return {**meta.get("extra", {}), "stage": meta.get("stage"), "step": meta.get("step")}
+
+
+def _meta_of(path: Path) -> dict:
+    """`run_info` of a checkpoint directory, read from its meta.json without loading tensors."""
+    return run_info(json.loads((Path(path) / "meta.json").read_text()))
+
+
+class Trainer:
+    """Runs the stages of `recipe.train.stages` in `run_dir`, optionally resuming.
+
+    ``Trainer(recipe, run_dir, resume="latest").run()``; `request_stop()` (called by the
+    signal handlers) makes the loop save a checkpoint at the next step boundary and return.
+    """
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, resume: str | None = None, progress: bool = True):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        # cpu=True on a CPU-only machine lets `accelerate launch --multi_gpu` / torchrun run
+        # several CPU processes (gloo); on a GPU machine accelerate picks the device itself.
+        self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
+                                       cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.schedule = build_schedule(recipe)
+        self.dataset = build_dataset(recipe.data)
+        self.num_classes = num_classes(recipe.data)
+        self.resume_from = resolve_checkpoint(resume, self.run_dir) if resume else None
+        self._stop_signal: int | None = None
+        self._stop_requested = False
+        self._stopped_at: int | None = None
+        self._models: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}  # stage -> (online, ema)
+        stages = recipe.train.stages
+        self.offsets = {s: sum(self._stage_cfg(p).steps for p in stages[: stages.index(s)]) for s in stages}
+        g = torch.Generator().manual_seed(recipe.seed + 12345)
+        shape = (recipe.train.num_samples, recipe.data.channels, recipe.data.size, recipe.data.size)
+        self.sample_noise = torch.randn(shape, generator=g)  # the same noise for every grid
+        self.sample_cond = (torch.arange(recipe.train.num_samples) % self.num_classes) if self.num_classes else None
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, self.run_dir / "recipe.toml")
+        self._tb = self._tensorboard() if self.is_main else None
+
+    # ------------------------------------------------------------------ small helpers
+    def _stage_cfg(self, stage: str) -> StageConfig:
+        return self.recipe.mse if stage == "mse" else self.recipe.sp
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def request_stop(self, signum: int | None = None) -> None:
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self._stop_requested, self._stop_signal = True, signum
+
+    def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step",):
+                    self._tb.add_scalar(f"{record['stage']}/{k}", v, record["step"])
+
+    def _perceptual_dtype(self) -> torch.dtype:
+        d = self.recipe.sp.perceptual_dtype
+        return DTYPES[self.recipe.train.mixed_precision if d == "auto" else d]
+
+    def _generate(self, model: torch.nn.Module) -> torch.Tensor:
+        """Samples from the fixed noise (and fixed labels), without guidance, on the CPU."""
+        cond = None if self.sample_cond is None else self.sample_cond.to(self.device)
+        return ddim_sample(model, self.schedule, self.sample_noise.to(self.device), cond=cond,
+                           steps=self.recipe.train.sample_steps).cpu()
+
+    def _sample(self, model: torch.nn.Module, name: str) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_grid(self._generate(model), self.run_dir / "samples" / f"{name}.png", scale=2)
+
+    # ------------------------------------------------------------------ the run
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        """Train every remaining stage; `stop_after` (global step) simulates a preemption."""
+        result = TrainResult(run_dir=str(self.run_dir))
+        handlers = {s: signal.signal(s, lambda n, f: self.request_stop(n)) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            ckpt = self.resume_from
+            meta = _meta_of(ckpt) if ckpt else {}
+            for stage in self.recipe.train.stages:
+                done = meta and (self.recipe.train.stages.index(meta["stage"]) > self.recipe.train.stages.index(stage)
+                                 or (meta["stage"] == stage and meta.get("final")))
+                if done:
+                    continue
+                resume = ckpt if meta.get("stage") == stage else None
+                stage_result = self._run_stage(stage, resume, stop_after)
+                if stage_result is None:  # interrupted
+                    result.interrupted_by = self._stop_signal
+                    result.stopped_at = self._stopped_at
+                    return result
+                result.stages.append(stage_result)
+            self._finish(result)
+            return result
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if self._tb is not None:
+                self._tb.flush()
+
+    def _init_sp(self, model: torch.nn.Module, source: Path):
+        """Stage 2 from a stage-1 checkpoint: online net and frozen perceptual copy."""
+        ck = load_checkpoint(source)
+        sp = self.recipe.sp
+        model.load_state_dict(ck.weights["model" if sp.init_weights == "online" else "ema"])
+        frozen_src = build_model(self.recipe)
+        frozen_src.load_state_dict(ck.weights["model" if sp.perceptual_weights == "online" else "ema"])
+        return make_perceptual(frozen_src, dtype=self._perceptual_dtype())
+
+    def _stage1_source(self) -> Path:
+        if self.recipe.sp.init:
+            return resolve_checkpoint(self.recipe.sp.init, self.run_dir)
+        finals = [p for p in list_checkpoints(self.run_dir) if (m := _meta_of(p)).get("stage") == "mse" and m.get("final")]
+        if not finals:
+            raise FileNotFoundError(f"no final stage-1 (mse) checkpoint in {self.run_dir}; set sp.init")
+        return finals[-1]
+
+    def _run_stage(self, stage: str, resume: Path | None, stop_after: int | None) -> StageResult | None:
+        acc, recipe, cfg = self.accelerator, self.recipe, self._stage_cfg(stage)
+        offset = self.offsets[stage]
+        # a stage starts from the recipe's seed whatever ran before it; a resume then restores
+        # every RNG from the checkpoint
+        set_seed(recipe.seed + (stage == "sp"))
+        model = build_model(recipe)
+        perceptual = None
+        state: dict[str, Any] = {}
+        if resume is not None:
+            ck = load_checkpoint(resume)
+            model.load_state_dict(ck.weights["model"])
+            state = ck.state
+            if stage == "sp":
+                frozen = build_model(recipe)
+                frozen.load_state_dict(ck.weights["perceptual"])
+                perceptual = make_perceptual(frozen, dtype=self._perceptual_dtype())
+        elif stage == "sp":
+            perceptual = self._init_sp(model, self._stage1_source())
+        ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
+        if resume is not None:
+            ema.load_state_dict({"model": ck.weights["ema"], "num_updates": state["ema_updates"]})
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                      weight_decay=cfg.weight_decay)
+        warm = cfg.warmup_steps
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        if resume is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            lr_sched.load_state_dict(state["lr_scheduler"])
+        if recipe.train.compile:
+            model.forward = torch.compile(model.forward)
+        model, optimizer = acc.prepare(model, optimizer)
+        if resume is not None and state.get("scaler") is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        ema.model.to(self.device)
+        if perceptual is not None:
+            perceptual.to(self.device)  # never wrapped in DDP, never given to the optimizer
+
+        objective = (VelocityMSE(self.schedule) if stage == "mse" else SelfPerceptual(
+            self.schedule, perceptual, layers=recipe.sp.layers, t_prime=recipe.sp.t_prime,
+            distance=recipe.sp.distance, formulation=recipe.sp.formulation, mse_weight=recipe.sp.mse_weight,
+            near_offset=recipe.sp.near_offset, normal_std=recipe.sp.normal_std))
+        gen = torch.Generator(device=self.device).manual_seed(
+            recipe.seed * 1_000_003 + 7919 * acc.process_index + (stage == "sp"))
+
+        world, rank = acc.num_processes, acc.process_index
+        pos = state.get("data_position", (0, 0))
+        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, seed=recipe.seed + (stage == "sp"),
+                                        rank=rank, world_size=world, epoch=pos[0], batch_in_epoch=pos[1])
+        batches = iter(make_loader(self.dataset, sampler, recipe.data.num_workers))
+        data_pos = list(pos)  # the sampler position after the last batch consumed
+
+        def next_batch() -> dict:
+            batch = next(batches)
+            data_pos[:] = batch["position"]
+            counters["skipped_items"] += batch.get("skipped", 0)
+            return batch
+
+        step = state.get("stage_step", 0)
+        counters = dict(state.get("counters", {"skipped_nonfinite": 0, "skipped_items": 0}))
+        if resume is not None:
+            rngs = state["rng"]
+            if len(rngs) != world:
+                log.warning("resuming %d processes from a checkpoint of %d: RNG streams restart", world, len(rngs))
+            else:
+                restore_rng_state(rngs[rank], {"objective": gen})
+
+        def save(final: bool) -> Path:
+            rng = gather_object([capture_rng_state({"objective": gen})])
+            path = None
+            if self.is_main:
+                unwrapped = acc.unwrap_model(model)
+                weights = {"model": unwrapped.state_dict(), "ema": ema.model.state_dict()}
+                if perceptual is not None:
+                    weights["perceptual"] = perceptual.state_dict()
+                ck_state = {
+                    "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                    "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                    "rng": rng, "data_position": list(data_pos), "stage_step": step,
+                    "ema_updates": ema.num_updates, "counters": counters,
+                }
+                meta = {"stage": stage, "stage_step": step, "final": final, "recipe": recipe_to_dict(recipe)}
+                path = save_checkpoint(self.run_dir, offset + step, weights=weights, state=ck_state, meta=meta,
+                                       keep_last=recipe.train.keep_last, keep=lambda p: _meta_of(p).get("final", False))
+            acc.wait_for_everyone()
+            return path or self.run_dir
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{stage}", disable=not (self.progress and self.is_main),
+                   dynamic_ncols=True)
+        window: list[float] = []
+        t_start, last_loss = time.time(), float("nan")
+        model.train()
+        while step < cfg.steps:
+            loss_sum = torch.zeros((), device=self.device)
+            for micro in range(cfg.grad_accum):
+                batch = next_batch()
+                while "x" not in batch:  # every item of the batch was unreadable
+                    batch = next_batch()
+                x0 = batch["x"].to(self.device)
+                cond = self._condition(batch, cfg.cond_dropout, gen)
+                with acc.autocast():
+                    loss = objective(model, x0, cond, generator=gen).mean()
+                loss_sum += loss.detach()
+                if micro < cfg.grad_accum - 1:
+                    with acc.no_sync(model):
+                        acc.backward(loss / cfg.grad_accum)
+                else:
+                    acc.backward(loss / cfg.grad_accum)
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = acc.clip_grad_norm_(model.parameters(), clip)
+            loss_mean = loss_sum / cfg.grad_accum
+            bad_grad = acc.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)).item()
+            bad = torch.tensor(float(not torch.isfinite(loss_mean).item() or bad_grad), device=self.device)
+            if acc.reduce(bad, "sum").item() > 0:
+                what = f"non-finite {'loss' if not torch.isfinite(loss_mean).item() else 'gradient'}"
+                if recipe.train.nonfinite == "stop":
+                    raise NonFiniteError(f"{what} at {stage} step {step + 1} (global step {offset + step + 1}); "
+                                         "the last complete checkpoint is intact")
+                log.warning("%s at %s step %d: step skipped", what, stage, step + 1)
+                counters["skipped_nonfinite"] += 1
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(acc.unwrap_model(model))
+                window.append(loss_mean.item())
+            step += 1
+            bar.update(1)
+            if window:
+                bar.set_postfix(loss=f"{window[-1]:.4f}")
+
+            global_step = offset + step
+            if step % recipe.train.log_every == 0 or step == cfg.steps:
+                local = torch.tensor(sum(window) / len(window) if window else float("nan"), device=self.device)
+                last_loss = acc.gather(local.reshape(1)).mean().item()
+                self._log({"step": global_step, "stage": stage, "stage_step": step, "loss": last_loss,
+                           "lr": lr_sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "ema_decay": ema.current_decay(), **counters,
+                           "elapsed_s": round(time.time() - t_start, 3)})
+                window.clear()
+            final = step == cfg.steps
+            every = recipe.train.sample_every
+            if (every and step % every == 0) or final:
+                self._sample(ema.model, f"{stage}-{global_step:07d}")
+            every = recipe.train.checkpoint_every
+            stop = self._stop_requested or (stop_after is not None and global_step >= stop_after)
+            stop = acc.reduce(torch.tensor(float(stop), device=self.device), "sum").item() > 0
+            if (every and step % every == 0) or final or stop:
+                path = save(final)
+            if stop and not final:
+                bar.close()
+                self._stopped_at = global_step
+                log.info("stopped at global step %d; checkpoint %s", global_step, path)
+                return None
+        bar.close()
+        if counters["skipped_items"]:
+            log.warning("%s: %d unreadable data items were skipped", stage, counters["skipped_items"])
+        self._models[stage] = (acc.unwrap_model(model), ema.model)
+        return StageResult(stage=stage, steps=cfg.steps, final_loss=last_loss, seconds=time.time() - t_start,
+                           checkpoint=str(path), **counters)
+
+    def _condition(self, batch: dict, dropout: float, gen: torch.Generator) -> torch.Tensor | None:
+        labels = batch.get("label")
+        if labels is None or self.num_classes is None:
+            return None
+        labels = labels.to(self.device)
+        if dropout > 0:  # the null label trains the unconditional model used by CFG
+            drop = torch.rand(labels.shape, device=self.device, generator=gen) < dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return labels
+
+    def _finish(self, result: TrainResult) -> None:
+        """summary.json, per-process weight digests, and MSE vs SP from the same noise."""
+        models = self._models
+        digests = gather_object([{s: _param_digest(m[0]) for s, m in models.items()}])
+        if not self.is_main:
+            return
+        summary = {"run_dir": str(self.run_dir), "stages": [asdict(s) for s in result.stages],
+                   "num_processes": self.accelerator.num_processes, "weight_digests_per_process": digests}
+        if len({json.dumps(d, sort_keys=True) for d in digests}) > 1:
+            log.error("processes ended with different weights: %s", digests)
+        if len(models) == 2:
+            rows = [self._generate(models[stage][1]) for stage in ("mse", "sp")]
+            path = save_grid(torch.cat(rows), self.run_dir / "samples" / "mse_vs_sp.png",
+                             nrow=self.recipe.train.num_samples, scale=2)
+            summary["mse_vs_sp"] = str(path)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
