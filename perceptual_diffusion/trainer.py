@@ -112,6 +112,22 @@ def _meta_of(path: Path) -> dict:
     return run_info(json.loads((Path(path) / "meta.json").read_text()))
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _warn_recipe_changes(saved: dict, current: dict) -> None:
+    """Resuming with a changed recipe is allowed (e.g. more steps) but said out loud."""
+    a, b = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if changed:
+        log.warning("resuming with a recipe that differs from the checkpoint's in: %s",
+                    ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed))
+
+
 class Trainer:
     """Runs the stages of `recipe.train.stages` in `run_dir`, optionally resuming.
 
@@ -127,11 +143,18 @@ class Trainer:
         # several CPU processes (gloo); on a GPU machine accelerate picks the device itself.
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())
+        kind = self.accelerator.distributed_type.value
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            # checkpoints gather the full state on the main process, which is right for DDP only
+            raise NotImplementedError(f"distributed type {kind} is not supported yet; use DDP "
+                                      "(recipes/accelerate/ddp_*.yaml)")
         self.device = self.accelerator.device
         self.schedule = build_schedule(recipe)
         self.dataset = build_dataset(recipe.data)
         self.num_classes = num_classes(recipe.data)
         self.resume_from = resolve_checkpoint(resume, self.run_dir) if resume else None
+        if self.resume_from is not None:
+            _warn_recipe_changes(_meta_of(self.resume_from).get("recipe", {}), recipe_to_dict(recipe))
         self._stop_signal: int | None = None
         self._stop_requested = False
         self._stopped_at: int | None = None
@@ -417,8 +440,14 @@ class Trainer:
                    "num_processes": self.accelerator.num_processes, "weight_digests_per_process": digests}
         if len({json.dumps(d, sort_keys=True) for d in digests}) > 1:
             log.error("processes ended with different weights: %s", digests)
-        if len(models) == 2:
-            rows = [self._generate(models[stage][1]) for stage in ("mse", "sp")]
+        emas = {stage: m[1] for stage, m in models.items()}
+        if "sp" in emas and "mse" not in emas and tuple(self.recipe.train.stages) == ("mse", "sp"):
+            # stage 1 finished in an earlier process: its final EMA is in its checkpoint
+            mse = build_model(self.recipe).to(self.device).eval()
+            mse.load_state_dict(load_checkpoint(self._stage1_source()).weights["ema"])
+            emas["mse"] = mse
+        if len(emas) == 2:
+            rows = [self._generate(emas[stage]) for stage in ("mse", "sp")]
             path = save_grid(torch.cat(rows), self.run_dir / "samples" / "mse_vs_sp.png",
                              nrow=self.recipe.train.num_samples, scale=2)
             summary["mse_vs_sp"] = str(path)
