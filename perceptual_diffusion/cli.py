@@ -1,4 +1,4 @@
-"""The `perceptual-diffusion` command line: train, sample, recipes.
+"""The `perceptual-diffusion` command line: train, sample, evaluate, recipes.
 
 A user error (bad recipe key or value, missing file or checkpoint) prints one line and exits
 with status 2; SIGTERM / SIGINT during training save a checkpoint and exit with 143 / 130.
@@ -65,51 +65,37 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
     from safetensors.torch import save_file
 
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .config import recipe_from_dict
-    from .datasets import num_classes
+    from .evaluation import generate, load_model
     from .images import save_grid
-    from .sampling import ddim_sample
-    from .trainer import build_model, build_schedule, run_info
 
-    for name in ("n", "steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.rescale <= 1:
-        raise UserError(f"--rescale must be in [0, 1], got {args.rescale}")
-    path = resolve_checkpoint(args.checkpoint, Path(args.checkpoint))
-    ck = load_checkpoint(path)
-    recipe = recipe_from_dict(run_info(ck.meta)["recipe"], check_paths=False)
-    if not 1 <= args.steps <= recipe.schedule.num_timesteps:
-        raise UserError(f"--steps must be in [1, {recipe.schedule.num_timesteps}], got {args.steps}")
-    model = build_model(recipe)
-    model.load_state_dict(ck.weights[args.weights])
-    model.eval()
-    k = num_classes(recipe.data)
-    if args.guidance != 1.0 and k is None:
-        raise UserError("--guidance needs a class-conditional model; this checkpoint is unconditional")
-    if args.label is not None and (k is None or not 0 <= args.label < k):
-        raise UserError(f"--label needs a class-conditional model and a label in [0, {k})" if k
-                        else "--label needs a class-conditional model; this checkpoint is unconditional")
-    g = torch.Generator().manual_seed(args.seed)
-    d = recipe.data
-    noise = torch.randn(args.n, d.channels, d.size, d.size, generator=g)
-    cond = None
-    if k is not None:
-        cond = torch.full((args.n,), args.label) if args.label is not None else torch.arange(args.n) % k
-    x = ddim_sample(model, build_schedule(recipe), noise, cond=cond, steps=args.steps,
-                    guidance_scale=args.guidance, guidance_rescale=args.rescale, progress=True)
+    loaded = load_model(args.checkpoint, weights=args.weights)
+    gen = generate(loaded, args.n, args.steps, args.guidance, args.rescale, args.seed, label=args.label,
+                   progress=True)
     out = Path(args.out)
-    save_grid(x, out, scale=args.scale)
-    tensors = {"samples": x.contiguous(), "noise": noise}
-    if cond is not None:
-        tensors["labels"] = cond
+    save_grid(gen.samples, out, scale=args.scale)
+    tensors = {"samples": gen.samples.contiguous(), "noise": gen.noise}
+    if gen.labels is not None:
+        tensors["labels"] = gen.labels
     save_file(tensors, str(out.with_suffix(".safetensors")))
     print(f"wrote {out} and {out.with_suffix('.safetensors')} ({args.n} samples, {args.steps} steps, "
-          f"guidance {args.guidance}, rescale {args.rescale}, {args.weights} weights of {path})")
+          f"guidance {args.guidance}, rescale {args.rescale}, {args.weights} weights of {loaded.checkpoint})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, load_model
+
+    loaded = load_model(args.checkpoint, weights=args.weights)
+    row = evaluate(loaded, args.metric, n=args.n, steps=args.steps, guidance=args.guidance, rescale=args.rescale,
+                   seed=args.seed, batch_size=args.batch_size, progress=True,
+                   inception_weights=args.inception_weights)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=2) + "\n")
+    shown = {k: v for k, v in row.items() if k != "checkpoint"}
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     return 0
 
 
@@ -152,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2, help="pixel upscaling of the grid")
     p.add_argument("--out", required=True, help="the PNG file to write")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("evaluate", help="sample from a checkpoint and measure; writes JSON, prints one row")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--metric", action="append", required=True,
+                   help="circles | digits | inception (FID and IS; needs the FID Inception weights); repeatable")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--rescale", type=float, default=0.0)
+    p.add_argument("--weights", choices=["ema", "online"], default="ema")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("recipes", help="list the recipes that ship")
     p.set_defaults(func=_recipes)

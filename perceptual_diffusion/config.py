@@ -124,17 +124,11 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------- choices
-# Kept here rather than imported from the objectives, so that reading a recipe needs no torch.
-BACKBONES: tuple[str, ...] = ("image_unet",)  # later modalities add their registry keys here
-DATASETS = ("circles", "digits", "image_folder")
-SCHEDULES = ("linear", "scaled_linear", "cosine")
+# The choices of the library's objects (objectives, layer groups, datasets, backbones) are
+# imported where they are defined, inside `validate_recipe`; these are the trainer's own.
 STAGES = ("mse", "sp")                         # the only order in which stages may run
 WEIGHT_SOURCES = ("online", "ema")
 PERCEPTUAL_DTYPES = ("auto", "fp32", "bf16", "fp16")
-T_PRIME_MODES = ("uniform", "near", "normal")
-DISTANCES = ("mse", "mae")
-FORMULATIONS = ("sp", "sp2")
-LAYER_GROUPS = ("mid", "encoder", "decoder", "encoder+mid", "all")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 NONFINITE = ("stop", "skip")
 _TAP = re.compile(r"(down|up)\.\d+")
@@ -427,6 +421,12 @@ def _toml_value(v: Any, path: str) -> str:
 def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     """Check ranges, choices and (unless check_paths=False) that data.path and sp.init exist;
     the first failure raises a one-line `RecipeError`."""
+    from backbones import BACKBONES
+    from .datasets import DATASETS
+    from .denoiser import LAYER_GROUPS
+    from .objectives import DISTANCES, FORMULATIONS, T_PRIME_MODES
+    from .schedule import SCHEDULE_KINDS
+
     _at_least("seed", r.seed, 0)
 
     d = r.data
@@ -437,12 +437,12 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     _at_least("data.num_workers", d.num_workers, 0)
     _at_least("data.seed", d.seed, 0)
 
-    _choice("model.backbone", r.model.backbone, BACKBONES)
+    _choice("model.backbone", r.model.backbone, tuple(BACKBONES))
     if not r.model.preset:
         raise RecipeError("model.preset must name a preset of the backbone, e.g. 'tiny'")
 
     s = r.schedule
-    _choice("schedule.kind", s.kind, SCHEDULES)
+    _choice("schedule.kind", s.kind, SCHEDULE_KINDS)
     _at_least("schedule.num_timesteps", s.num_timesteps, 2)
     _interval("schedule.beta_start", s.beta_start, 0, 1, "(0, 1)")
     _interval("schedule.beta_end", s.beta_end, s.beta_start, 1, f"[schedule.beta_start = {s.beta_start}, 1)",

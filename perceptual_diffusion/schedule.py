@@ -16,9 +16,10 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "SPACINGS"]
+__all__ = ["NoiseSchedule", "rescale_zero_terminal_snr", "SPACINGS", "SCHEDULE_KINDS"]
 
 SPACINGS = ("trailing", "leading", "linspace")
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 
 
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
@@ -90,10 +91,9 @@ class NoiseSchedule:
     @classmethod
     def from_name(cls, name: str, **kwargs) -> "NoiseSchedule":
         """``"linear"``, ``"scaled_linear"`` or ``"cosine"`` with that constructor's kwargs."""
-        makers = {"linear": cls.linear, "scaled_linear": cls.scaled_linear, "cosine": cls.cosine}
-        if name not in makers:
-            raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(makers)}")
-        return makers[name](**kwargs)
+        if name not in SCHEDULE_KINDS:
+            raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
+        return getattr(cls, name)(**kwargs)
 
     # ---------------------------------------------------------------- properties
     @property

@@ -139,13 +139,15 @@ def test_quoted_keys_in_overrides():
     assert r.model.overrides == {"a.b": 1, "c": {"d": 2}}
 
 
-def test_choices_match_the_library():
-    from perceptual_diffusion import config, denoiser, objectives
+def test_every_choice_of_the_library_is_a_valid_recipe_value():
+    from perceptual_diffusion import denoiser, objectives, schedule
 
-    assert config.T_PRIME_MODES == objectives.T_PRIME_MODES
-    assert config.DISTANCES == objectives.DISTANCES
-    assert config.FORMULATIONS == objectives.FORMULATIONS
-    assert config.LAYER_GROUPS == denoiser.LAYER_GROUPS
+    for field, choices in [("sp.t_prime", objectives.T_PRIME_MODES), ("sp.distance", objectives.DISTANCES),
+                           ("sp.formulation", objectives.FORMULATIONS), ("sp.layers", denoiser.LAYER_GROUPS),
+                           ("schedule.kind", schedule.SCHEDULE_KINDS)]:
+        for choice in choices:
+            assert recipe_to_dict(load_recipe(CIRCLES, [f"{field}={choice}"]))[field.split(".")[0]][
+                field.split(".")[1]] == choice
 
 
 def test_later_override_wins_and_file_values_are_kept():
