@@ -111,13 +111,12 @@ def _digits(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
     return digits_metrics(gen.samples, labels=gen.labels)
 
 
-def _inception(loaded: LoadedModel, gen: Generated, inception_weights: str | None = None,
+def _inception(loaded: LoadedModel, gen: Generated, inception_net: torch.nn.Module,
                cache_dir: str | None = None, **_: Any) -> dict[str, float]:
     """FID against the recipe's data and IS, with the standard FID Inception network."""
     from .metrics.fid import RunningStats, cached_statistics, frechet_distance, inception_score
-    from .metrics.inception import load_fid_inception
 
-    net = load_fid_inception(inception_weights)
+    net = inception_net
     r = loaded.recipe
     key = f"fid-inception-pool3|{r.data.name}|{r.data.path}|{r.data.size}|{r.data.channels}|{r.data.seed}"
     cache = Path(cache_dir or loaded.checkpoint.parent.parent) / "fid_reference.safetensors"
@@ -150,6 +149,10 @@ def evaluate(
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise RecipeError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+    if "inception" in metrics:  # find the weights before spending time on sampling
+        from .metrics.inception import load_fid_inception
+
+        metric_kwargs["inception_net"] = load_fid_inception(metric_kwargs.pop("inception_weights", None))
     gen = generate(loaded, n, steps, guidance, rescale, seed, batch_size=batch_size, progress=progress)
     row: dict[str, Any] = {
         "checkpoint": str(loaded.checkpoint), "weights": loaded.weights, "n": n, "steps": steps, "nfe": gen.nfe,

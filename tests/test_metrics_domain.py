@@ -106,7 +106,13 @@ def test_threshold_decides_the_foreground():
     img = disk(16, 16, 6) * 0.4 + 0.1  # disk 0.5, background -0.3
     assert detect_disk(img) is not None
     assert detect_disk(img, threshold=0.6) is None  # nothing above
-    assert detect_disk(img, threshold=-0.5) is None  # everything above: a square image
+    assert detect_disk(img, threshold=-0.5) is None  # everything above: the whole image
+
+
+def test_full_image_is_not_a_disk():
+    # Its fitted disk (r = 18) reaches outside the image; those pixels count in the union.
+    valid, params = fit_disks(torch.ones(1, SIZE, SIZE))
+    assert not valid[0] and params[0, 3] < 0.85
 
 
 def _bfs_components(mask: np.ndarray) -> int:
@@ -223,7 +229,8 @@ def _fake_trainer(calls: list):
 @pytest.mark.parametrize("damage", ["weights", "version", "sidecar"])
 def test_damaged_cache_is_retrained(cached_classifier, tmp_path, monkeypatch, caplog, damage):
     _, cache = cached_classifier
-    weights, sidecar = (cache / f"digits-classifier-{SIZE}{ext}" for ext in (".safetensors", ".json"))
+    weights = cache / f"digits-classifier-{SIZE}.safetensors"
+    sidecar = weights.with_suffix(".json")
     (tmp_path / weights.name).write_bytes(weights.read_bytes())
     meta = json.loads(sidecar.read_text())
     if damage == "weights":

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..datasets.digits import DigitsDataset
-from .fid import cached_statistics, compute_statistics, frechet_distance, inception_score
+from .fid import (RunningStats, cached_statistics, compute_statistics, frechet_distance,
+                  inception_score)
 
 __all__ = ["DigitsClassifier", "DigitsFeatureNet", "train_digits_classifier",
            "load_digits_classifier", "digits_metrics", "default_cache_dir", "heldout_split",
@@ -248,7 +249,7 @@ class DigitsFeatureNet:
         return self.model(self._check(x))
 
 
-def _reference_statistics(net: DigitsFeatureNet):
+def _reference_statistics(net: DigitsFeatureNet) -> RunningStats:
     """Feature statistics of the 1,797 real digits at the net's size; cached beside the
     classifier's cache file (keyed by its checksum) when it came from the cache."""
     batches = lambda: DigitsDataset(net.size, conditional=False).images.split(256)  # noqa: E731
