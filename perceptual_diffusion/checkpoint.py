@@ -17,7 +17,6 @@ Only one process (the main one) should call `save_checkpoint`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .fileio import sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -147,10 +148,10 @@ def save_checkpoint(
             rel = f"{WEIGHTS}/{name}.safetensors"
             save_file(_safetensors_ready(sd), str(tmp / rel))
             _fsync_file(tmp / rel)
-            files[rel] = _sha256(tmp / rel)
+            files[rel] = sha256_file(tmp / rel)
         torch.save(dict(state), tmp / STATE)
         _fsync_file(tmp / STATE)
-        files[STATE] = _sha256(tmp / STATE)
+        files[STATE] = sha256_file(tmp / STATE)
         info["files"] = files
         with open(tmp / META, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
@@ -247,14 +248,6 @@ def _check_state(obj: Any, where: str) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -368,7 +361,7 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
         file = path / rel
         if not file.is_file():
             raise CheckpointError(f"missing file in checkpoint: {file}")
-        if verify and _sha256(file) != digest:
+        if verify and sha256_file(file) != digest:
             raise CheckpointError(f"checksum mismatch (file changed or corrupt): {file}")
 
     weights: dict[str, dict[str, Tensor]] = {}

@@ -14,11 +14,9 @@ version does not match is retrained with a warning, never trusted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..datasets.digits import DigitsDataset
+from ..fileio import atomic_write, sha256_file
 from .fid import (RunningStats, cached_statistics, compute_statistics, frechet_distance,
                   inception_score)
 
@@ -152,26 +151,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "perceptual-diffusion"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp_path)`, then os.replace onto `path`, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(weights: Path, sidecar: Path, size: int) -> DigitsClassifier | None:
     """The cached classifier when its sidecar matches this code and its weights' checksum;
     None (with a warning saying why, unless nothing is cached yet) otherwise."""
@@ -183,7 +162,7 @@ def _load_cached(weights: Path, sidecar: Path, size: int) -> DigitsClassifier | 
         for k, v in expected.items():
             if meta.get(k) != v:
                 raise ValueError(f"{k} is {meta.get(k)!r}, expected {v!r}")
-        digest = _sha256(weights)
+        digest = sha256_file(weights)
         if digest != meta.get("sha256"):
             raise ValueError(f"sha256 of {weights.name} does not match the sidecar")
         model = DigitsClassifier(size)
@@ -213,12 +192,12 @@ def load_digits_classifier(size: int = 32, cache_dir: str | os.PathLike | None =
         seconds = time.perf_counter() - start
         root.mkdir(parents=True, exist_ok=True)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        _atomic_write(weights, lambda tmp: save_file(state, tmp))
-        model.weights_sha256 = _sha256(weights)
+        atomic_write(weights, lambda tmp: save_file(state, tmp))
+        model.weights_sha256 = sha256_file(weights)
         meta = {"sha256": model.weights_sha256, "size": size, "seed": DEFAULT_SEED,
                 "version": TRAINING_VERSION, "heldout_accuracy": model.heldout_accuracy,
                 "train_seconds": round(seconds, 2)}
-        _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n",
+        atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n",
                                                                  encoding="utf-8"))
     model.weights_path = weights
     return model

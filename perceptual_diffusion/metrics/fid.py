@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from ..fileio import atomic_write
 
 __all__ = [
     "FeatureNetwork",
@@ -109,14 +110,7 @@ class RunningStats:
         tensors = {"mean": self._mean.contiguous(), "m2": self._m2.contiguous(),
                    "count": torch.tensor([self.count], dtype=torch.int64)}
         meta = {"format": _FORMAT, "key": self.key, "count": str(self.count)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, key: str | None) -> RunningStats:
