@@ -56,7 +56,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -67,13 +66,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sp_step import cpu_name  # noqa: E402  (one CPU naming for both benchmark scripts)
 
 from perceptual_diffusion.checkpoint import list_checkpoints
 from perceptual_diffusion.config import load_recipe
 from perceptual_diffusion.evaluation import evaluate, generate, load_model
 from perceptual_diffusion.images import save_grid
 from perceptual_diffusion.sampling import ddim_sample
-from perceptual_diffusion.trainer import Trainer, build_schedule
+from perceptual_diffusion.trainer import Trainer, build_schedule, final_checkpoint
 
 log = logging.getLogger("reproduce")
 
@@ -244,14 +246,6 @@ class Config:
     progress: bool
 
 
-def _final_checkpoint(run_dir: Path, stage: str) -> Path | None:
-    for path in reversed(list_checkpoints(run_dir)):
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("stage") == stage and meta.get("extra", {}).get("final"):
-            return path
-    return None
-
-
 class Interrupted(Exception):
     def __init__(self, signum: int | None):
         super().__init__(f"interrupted by signal {signum}")
@@ -270,7 +264,7 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
     steps = cfg.mse_steps[task] if stage == "mse" else cfg.sp_steps[task]
     sidecar = run_dir / "reproduce.json"
     info = json.loads(sidecar.read_text()) if sidecar.exists() else {"wall_s": 0.0}
-    final = _final_checkpoint(run_dir, stage)
+    final = final_checkpoint(run_dir, stage)
     if final is not None:
         done = json.loads((final / "meta.json").read_text())["extra"]["stage_step"]
         if done != steps:
@@ -285,7 +279,7 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
     if stage == "sp":
         variant = VARIANTS[model]
         parent_stage = "mse" if variant.parent == "mse" else "sp"
-        parent = _final_checkpoint(run_dir_of(cfg, task, seed, variant.parent), parent_stage)
+        parent = final_checkpoint(run_dir_of(cfg, task, seed, variant.parent), parent_stage)
         if parent is None:  # models_of() orders parents first
             raise RuntimeError(f"{variant.parent} of {task} seed {seed} has no final checkpoint")
         overrides += [f"sp.init={json.dumps(str(parent.resolve()))}", *variant.overrides]
@@ -302,7 +296,7 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
     if result.interrupted_by is not None or result.stopped_at is not None:
         raise Interrupted(result.interrupted_by)
     log.info("%s %s seed %d %s: done in %.0f s", phase, task, seed, model, info["wall_s"])
-    return _final_checkpoint(run_dir, stage)
+    return final_checkpoint(run_dir, stage)
 
 
 def lineage(cfg: Config, task: str, seed: int, model: str) -> tuple[dict, dict]:
@@ -365,15 +359,7 @@ def evaluate_row(cfg: Config, u: Unit, seed: int, checkpoint: Path, rows: dict[s
 
 # ------------------------------------------------------------------------------ tables
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def cell(values: list[float]) -> str:
@@ -446,8 +432,8 @@ def write_tables(cfg: Config, tables: list[Table], rows: dict[str, dict]) -> str
 def figures(cfg: Config, task: str, seed: int, n: int = 10, n_traj: int = 3, columns: int = 10) -> list[Path]:
     """Figure 3/4 (samples of each model from the same noise) and Figure 5 (x0 trajectories)."""
     out = cfg.results_dir / "figures"
-    mse = load_model(_final_checkpoint(run_dir_of(cfg, task, seed, "mse"), "mse"))
-    sp = load_model(_final_checkpoint(run_dir_of(cfg, task, seed, "sp"), "sp"))
+    mse = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "mse"), "mse"))
+    sp = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "sp"), "sp"))
     rows = [generate(mse, n, 25, seed=SAMPLE_SEED).samples, generate(sp, n, 25, seed=SAMPLE_SEED).samples]
     if TASKS[task].conditional:
         rows.append(generate(mse, n, 25, *CFG_MSE, seed=SAMPLE_SEED).samples)

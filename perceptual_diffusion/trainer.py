@@ -44,7 +44,8 @@ from .objectives import SelfPerceptual, VelocityMSE, make_perceptual
 from .sampling import ddim_sample
 from .schedule import NoiseSchedule
 
-__all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "build_model", "build_schedule"]
+__all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "build_model", "build_schedule",
+           "final_checkpoint", "run_info"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,15 @@ def run_info(meta: dict) -> dict:
 def _meta_of(path: Path) -> dict:
     """`run_info` of a checkpoint directory, read from its meta.json without loading tensors."""
     return run_info(json.loads((Path(path) / "meta.json").read_text()))
+
+
+def final_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
+    """The newest complete checkpoint that ended `stage` in `run_dir`, or None."""
+    for path in reversed(list_checkpoints(run_dir)):
+        info = _meta_of(path)
+        if info.get("stage") == stage and info.get("final"):
+            return path
+    return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -245,17 +255,21 @@ class Trainer:
         ck = load_checkpoint(source)
         sp = self.recipe.sp
         model.load_state_dict(ck.weights["model" if sp.init_weights == "online" else "ema"])
-        frozen_src = build_model(self.recipe)
-        frozen_src.load_state_dict(ck.weights["model" if sp.perceptual_weights == "online" else "ema"])
-        return make_perceptual(frozen_src, dtype=self._perceptual_dtype())
+        return self._frozen(ck.weights["model" if sp.perceptual_weights == "online" else "ema"])
+
+    def _frozen(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """The perceptual network f_*: the recipe's backbone with `weights`, frozen."""
+        net = build_model(self.recipe)
+        net.load_state_dict(weights)
+        return make_perceptual(net, dtype=self._perceptual_dtype())
 
     def _stage1_source(self) -> Path:
         if self.recipe.sp.init:
             return resolve_checkpoint(self.recipe.sp.init, self.run_dir)
-        finals = [p for p in list_checkpoints(self.run_dir) if (m := _meta_of(p)).get("stage") == "mse" and m.get("final")]
-        if not finals:
+        final = final_checkpoint(self.run_dir, "mse")
+        if final is None:
             raise FileNotFoundError(f"no final stage-1 (mse) checkpoint in {self.run_dir}; set sp.init")
-        return finals[-1]
+        return final
 
     def _run_stage(self, stage: str, resume: Path | None, stop_after: int | None) -> StageResult | None:
         acc, recipe, cfg = self.accelerator, self.recipe, self._stage_cfg(stage)
@@ -271,9 +285,7 @@ class Trainer:
             model.load_state_dict(ck.weights["model"])
             state = ck.state
             if stage == "sp":
-                frozen = build_model(recipe)
-                frozen.load_state_dict(ck.weights["perceptual"])
-                perceptual = make_perceptual(frozen, dtype=self._perceptual_dtype())
+                perceptual = self._frozen(ck.weights["perceptual"])
         elif stage == "sp":
             perceptual = self._init_sp(model, self._stage1_source())
         ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
