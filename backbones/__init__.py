@@ -6,12 +6,27 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .audio_dit import AudioDiT, AudioDiTConfig
 from .image_unet import ImageUNet, ImageUNetConfig
+from .video_unet import VideoUNet, VideoUNetConfig
 
-__all__ = ["ImageUNet", "ImageUNetConfig", "BACKBONES", "build_backbone"]
+__all__ = ["ImageUNet", "ImageUNetConfig", "VideoUNet", "VideoUNetConfig", "AudioDiT", "AudioDiTConfig",
+           "BACKBONES", "build_backbone"]
 
 # recipe name -> class with from_preset(name, **overrides); a new backbone adds one line here
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"image_unet": ImageUNet}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "image_unet": ImageUNet,
+    "video_unet": VideoUNet,
+    "audio_dit": AudioDiT,
+}
+
+try:  # the diffusers adapter needs the `sd` extra (diffusers, transformers)
+    from .diffusers_unet import DiffusersUNet, export_diffusers
+except ImportError:  # pragma: no cover - exercised only without the extra
+    DiffusersUNet = export_diffusers = None  # type: ignore[assignment,misc]
+else:
+    BACKBONES["diffusers_unet"] = DiffusersUNet
+    __all__ += ["DiffusersUNet", "export_diffusers"]
 
 
 def build_backbone(name: str, preset: str, **overrides: Any) -> nn.Module:

@@ -11,16 +11,13 @@ gives each tap's channels and reduction (input size / tap size).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from perceptual_diffusion.denoiser import TappedDenoiser
-
+from .base import Backbone, apply_overrides, unet_feature_info
 from .layers import (
     ATTENTION_BACKENDS,
     AttentionBlock,
@@ -28,7 +25,6 @@ from .layers import (
     ResBlock,
     Upsample,
     conv_nd,
-    timestep_embedding,
 )
 
 __all__ = ["ImageUNet", "ImageUNetConfig"]
@@ -126,7 +122,7 @@ class _Level(nn.Module):
         self.resample = resample
 
 
-class ImageUNet(TappedDenoiser):
+class ImageUNet(Backbone):
     """ADM-style UNet predicting v: x_t [N x C x H x W], t (N,), cond -> v like x_t (any H, W).
 
     Build with ``ImageUNet(config)``, ``ImageUNet(**config_fields)``, ``ImageUNet(config, **overrides)``
@@ -148,7 +144,7 @@ class ImageUNet(TappedDenoiser):
 
     def __init__(self, config: ImageUNetConfig | None = None, **overrides: Any):
         super().__init__()
-        config = _apply_overrides(config or ImageUNetConfig(), overrides)
+        config = apply_overrides(config or ImageUNetConfig(), overrides, "ImageUNet")
         self.config = c = config
         levels = len(c.channel_mult)
         emb_dim = 4 * c.base_channels
@@ -202,80 +198,11 @@ class ImageUNet(TappedDenoiser):
         self.feature_layers = tuple(
             [f"down.{i}" for i in range(levels)] + ["mid"] + [f"up.{j}" for j in range(levels)]
         )
-        chans = [c.base_channels * m for m in c.channel_mult]
-        red = [2 ** min(i + 1, levels - 1) for i in range(levels)]  # after Downsample
-        self.feature_info: dict[str, dict[str, int]] = {
-            **{f"down.{i}": {"channels": chans[i], "reduction": red[i]} for i in range(levels)},
-            "mid": {"channels": chans[-1], "reduction": 2 ** (levels - 1)},
-            **{
-                f"up.{j}": {"channels": chans[levels - 1 - j], "reduction": 2 ** max(levels - 2 - j, 0)}
-                for j in range(levels)
-            },
-        }
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> ImageUNet:
-        """A net from `PRESETS[name]` with config fields replaced by `overrides`."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown ImageUNet preset {name!r}; presets: {', '.join(cls.PRESETS)}")
-        return cls(cls.PRESETS[name], **overrides)
-
-    def null_cond(self, cond: Any) -> Any:
-        """The unconditional counterpart of `cond`: the null label (same shape) for class labels."""
-        self._check_cond(cond)
-        if self.config.context_dim is not None:
-            raise ValueError(
-                "ImageUNet with cross-attention has no built-in null condition: pass an explicit "
-                "uncond context, e.g. the embedding of the empty prompt"
-            )
-        return None if cond is None else torch.full_like(cond, self.config.num_classes)
-
-    def _check_cond(self, cond: Any) -> None:
-        c = self.config
-        if cond is None:
-            if c.context_dim is not None:
-                raise ValueError(f"this ImageUNet needs a context tensor (N, L, {c.context_dim}) as cond")
-            return
-        if not isinstance(cond, Tensor):
-            raise TypeError(f"cond must be None or a Tensor, got {type(cond).__name__}")
-        if cond.is_floating_point():
-            if c.context_dim is None:
-                raise TypeError(
-                    f"got a float context {tuple(cond.shape)} as cond, but this ImageUNet has no "
-                    "cross-attention (context_dim=None)"
-                )
-            if cond.ndim != 3 or cond.shape[-1] != c.context_dim:
-                raise ValueError(f"context must be (N, L, {c.context_dim}), got {tuple(cond.shape)}")
-        elif cond.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            if c.num_classes is None:
-                raise TypeError("got class labels as cond, but this ImageUNet has no num_classes")
-            if cond.ndim != 1:
-                raise ValueError(f"class labels must be a LongTensor (N,), got shape {tuple(cond.shape)}")
-        else:
-            raise TypeError(f"cond must be class labels (integer) or a float context, got dtype {cond.dtype}")
-
-    def _block(self, block: nn.Module, *args: Any) -> Tensor:
-        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        self.feature_info = unet_feature_info([c.base_channels * m for m in c.channel_mult])
 
     def _run(self, x_t: Tensor, t: Tensor, cond: Any, tap: Callable[[str, Tensor], Tensor]) -> Tensor:
-        self._check_cond(cond)
-        n = x_t.shape[0]
         dtype = self.conv_in.weight.dtype
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(n) if t.ndim == 0 else t
-        emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(dtype))
-        context = None
-        if self.label_embed is not None:
-            labels = torch.full((n,), self.config.num_classes, device=x_t.device) if cond is None else cond
-            if labels.shape[0] != n:
-                raise ValueError(f"got {labels.shape[0]} class labels for a batch of {n}")
-            emb = emb + self.label_embed(labels.long())
-        elif cond is not None:
-            if cond.shape[0] != n:
-                raise ValueError(f"got a context of batch {cond.shape[0]} for a batch of {n}")
-            context = cond.to(dtype)
+        emb, context = self._embed_conditioning(x_t, t, cond, self.config.base_channels, dtype)
 
         h = self.conv_in(x_t.to(dtype))
         skips = [h]
@@ -308,13 +235,3 @@ class ImageUNet(TappedDenoiser):
         v = self.conv_out(nn.functional.silu(self.norm_out(h)))
         return v.to(x_t.dtype)
 
-
-def _apply_overrides(config: ImageUNetConfig, overrides: dict[str, Any]) -> ImageUNetConfig:
-    fields = {f.name for f in dataclasses.fields(ImageUNetConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(
-            f"unknown ImageUNet config field(s) {', '.join(map(repr, unknown))}; "
-            f"fields: {', '.join(sorted(fields))}"
-        )
-    return dataclasses.replace(config, **overrides) if overrides else config

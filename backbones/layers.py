@@ -15,11 +15,13 @@ from torch import Tensor, nn
 
 __all__ = [
     "conv_nd",
+    "zero_",
     "timestep_embedding",
     "ResBlock",
     "Downsample",
     "Upsample",
     "attention",
+    "MultiHeadAttention",
     "AttentionBlock",
     "ATTENTION_BACKENDS",
 ]
@@ -37,6 +39,7 @@ def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
 
 
 def zero_(module: nn.Module) -> nn.Module:
+    """Zero every parameter of `module` in place and return it (an identity-at-init last layer)."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
@@ -142,7 +145,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
 
-class _MultiHeadAttention(nn.Module):
+class MultiHeadAttention(nn.Module):
     """Self-attention (context_dim None) or cross-attention on tokens (N, L, ch)."""
 
     def __init__(self, ch: int, heads: int, context_dim: int | None, backend: str):
@@ -194,10 +197,10 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         self.context_dim = context_dim
         self.norm = nn.GroupNorm(groups, ch)
-        self.self_attn = _MultiHeadAttention(ch, num_heads, None, backend)
+        self.self_attn = MultiHeadAttention(ch, num_heads, None, backend)
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(ch)
-            self.cross_attn = _MultiHeadAttention(ch, num_heads, context_dim, backend)
+            self.cross_attn = MultiHeadAttention(ch, num_heads, context_dim, backend)
         self.norm_ff = nn.LayerNorm(ch)
         self.ff = nn.Sequential(nn.Linear(ch, 4 * ch), nn.GELU(), nn.Linear(4 * ch, ch))
         self.proj_out = zero_(nn.Linear(ch, ch))

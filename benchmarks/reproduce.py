@@ -74,6 +74,7 @@ from perceptual_diffusion.checkpoint import list_checkpoints
 from perceptual_diffusion.config import load_recipe
 from perceptual_diffusion.evaluation import evaluate, generate, load_model
 from perceptual_diffusion.images import save_grid
+from perceptual_diffusion.media import save_samples
 from perceptual_diffusion.sampling import ddim_sample
 from perceptual_diffusion.trainer import Trainer, build_schedule, final_checkpoint
 
@@ -93,6 +94,16 @@ class Task:
     conditional: bool
     metrics: tuple[str, ...]                    # evaluate() metric names
     columns: tuple[tuple[str, str], ...]        # (row key, table header)
+    modality: str = "image"                     # video and audio tasks get one MSE-vs-SP table
+
+    def shape_text(self, size: int) -> str:
+        """What one sample is, e.g. "16x16" or "8 frames of 16x16" or "2048 samples at 8000 Hz"."""
+        d = load_recipe(ROOT / self.recipe, [f"data.size={size}"]).data
+        if self.modality == "video":
+            return f"{d.frames} frames of {size}x{size}"
+        if self.modality == "audio":
+            return f"{d.length} samples at {d.sample_rate} Hz"
+        return f"{size}x{size}"
 
 
 _CIRCLES_COLS = (("valid_fraction", "valid ↑"), ("param_fd", "param FD ↓"), ("coverage", "coverage ↑"))
@@ -102,7 +113,14 @@ TASKS = {
     "digits": Task("digits", "recipes/image/digits.toml", True, ("digits",),
                    _DIGITS_COLS + (("label_accuracy", "label acc ↑"),)),
     "digits_uncond": Task("digits_uncond", "recipes/image/digits_uncond.toml", False, ("digits",), _DIGITS_COLS),
+    "moving_shapes": Task("moving_shapes", "recipes/video/moving_shapes_uncond.toml", False, ("moving_shapes",),
+                          (("valid_fraction", "valid ↑"), ("param_fd", "param FD ↓"), ("coverage", "coverage ↑")),
+                          "video"),
+    "tones": Task("tones", "recipes/audio/tones_uncond.toml", False, ("tones",),
+                  (("valid_fraction", "valid ↑"), ("pitch_error_cents", "pitch error (cents) ↓"),
+                   ("pitch_tv", "pitch TV ↓")), "audio"),
 }
+IMAGE_TASKS = [t for t in TASKS if TASKS[t].modality == "image"]
 
 
 @dataclass(frozen=True)
@@ -138,15 +156,16 @@ class Scale:
     checkpoint_every: int
 
 
-def _per_task(circles: int, digits: int, digits_uncond: int) -> dict[str, int]:
-    return {"circles": circles, "digits": digits, "digits_uncond": digits_uncond}
+def _per_task(image: int, video: int, audio: int) -> dict[str, int]:
+    """One value per task: `image` for the image tasks, `video` for moving_shapes, `audio` for tones."""
+    return {name: {"image": image, "video": video, "audio": audio}[t.modality] for name, t in TASKS.items()}
 
 
 SCALES = {
-    "full": Scale(mse_steps=_per_task(2000, 2000, 2000), sp_steps=_per_task(400, 400, 400),
-                  samples=_per_task(500, 500, 500), sizes=_per_task(16, 16, 16), seeds=3, checkpoint_every=250),
+    "full": Scale(mse_steps=_per_task(2000, 1000, 2000), sp_steps=_per_task(400, 300, 500),
+                  samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=3, checkpoint_every=250),
     "quick": Scale(mse_steps=_per_task(30, 30, 30), sp_steps=_per_task(15, 15, 15),
-                   samples=_per_task(40, 40, 40), sizes=_per_task(16, 16, 16), seeds=2, checkpoint_every=0),
+                   samples=_per_task(40, 24, 24), sizes=_per_task(16, 16, 16), seeds=2, checkpoint_every=0),
 }
 
 
@@ -179,6 +198,10 @@ def plan_tables(tasks: list[str], ablation_tasks: list[str]) -> list[Table]:
     tables = []
     for name in tasks:
         task = TASKS[name]
+        if task.modality != "image":
+            tables.append(Table(f"Modalities ({name}, {task.modality}): MSE vs SP", name, ["Loss"],
+                                [(["MSE"], Unit(name, "mse")), (["SP"], Unit(name, "sp"))]))
+            continue
         t = Table(f"Table 1 ({name})", name, ["Loss", "CFG", "Rescale", "Steps", "NFE"])
         t.rows += [(["MSE", "", "", str(s)], Unit(name, "mse", s)) for s in (25, 50)]
         if task.conditional:
@@ -215,7 +238,7 @@ def plan_tables(tasks: list[str], ablation_tasks: list[str]) -> list[Table]:
             t.rows += [(["SP", f"{w:g}", "0.7"], Unit(name, "sp", 25, w, RESCALE)) for w in CFG_SP]
             tables.append(t)
     for name in tasks:
-        if not TASKS[name].conditional:
+        if not TASKS[name].conditional and TASKS[name].modality == "image":
             tables.append(Table(f"Table 8 ({name}): unconditional generation", name, ["Loss"],
                                 [(["MSE"], Unit(name, "mse")), (["SP"], Unit(name, "sp"))]))
     return tables
@@ -395,7 +418,7 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
         mse_wall = _mean_wall(done, "mse")
         walls = ", ".join(f"{m} {w:.0f} s" for m, w in sp_wall.items() if w is not None)
         lines += [f"## {t.title}", "",
-                  f"{t.task} {cfg.sizes[t.task]}x{cfg.sizes[t.task]}, {cfg.samples[t.task]} samples per row. "
+                  f"{t.task} {task.shape_text(cfg.sizes[t.task])}, {cfg.samples[t.task]} samples per row. "
                   f"Training: MSE {cfg.mse_steps[t.task]} steps"
                   + (f" ({mse_wall:.0f} s per seed)" if mse_wall is not None else "")
                   + f", then SP {cfg.sp_steps[t.task]} steps from the frozen MSE EMA"
@@ -412,7 +435,10 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
               ("`figures/<task>_samples.png`: rows MSE, SP and (conditional tasks) MSE + CFG 7.5 rescale 0.7, "
               "25 DDIM steps from the same initial noise, seed-0 models (Figures 3 and 4). "
               "`figures/<task>_trajectory.png`: the x0 prediction at 10 of the 25 sampling steps (columns); "
-              "for each of 3 initial noises a MSE row then a SP row (Figure 5)."), ""]
+              "for each of 3 initial noises a MSE row then a SP row (Figure 5). Video tasks: "
+              "`figures/<task>_samples.png` has one clip per row (frames in columns), MSE clips then SP clips "
+              "from the same noise, and a `.gif` beside it; audio tasks: the spectrograms of MSE clips then SP "
+              "clips, and a `.wav` beside it."), ""]
     return "\n".join(lines)
 
 
@@ -434,6 +460,12 @@ def figures(cfg: Config, task: str, seed: int, n: int = 10, n_traj: int = 3, col
     out = cfg.results_dir / "figures"
     mse = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "mse"), "mse"))
     sp = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "sp"), "sp"))
+    kind = TASKS[task].modality
+    if kind != "image":  # MSE clips then SP clips from the same noise; no trajectory figure
+        n = 4
+        both = torch.cat([generate(m, n, 25, seed=SAMPLE_SEED).samples for m in (mse, sp)])
+        return save_samples(both, out / f"{task}_samples.png", kind, scale=3 if kind == "video" else 1,
+                            sample_rate=mse.recipe.data.sample_rate)
     rows = [generate(mse, n, 25, seed=SAMPLE_SEED).samples, generate(sp, n, 25, seed=SAMPLE_SEED).samples]
     if TASKS[task].conditional:
         rows.append(generate(mse, n, 25, *CFG_MSE, seed=SAMPLE_SEED).samples)
@@ -476,7 +508,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=0, help="training seeds 0..N-1 (default: 3, quick 2)")
     p.add_argument("--samples", type=int, default=0, help="samples per row for every task")
     p.add_argument("--scale-steps", type=float, default=1.0, help="multiply every run's training steps")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS)
+                   + " (default: all)")
     p.add_argument("--ablation-tasks", default="digits", help="tasks of Tables 2-6 (comma-separated; '' for none)")
     p.add_argument("--work-dir", help="training runs (default runs/reproduce/<scale>)")
     p.add_argument("--results-dir", help="tables.md, rows.jsonl, figures/ (default benchmarks/results; "

@@ -59,7 +59,9 @@ def _train(args: argparse.Namespace) -> int:
                   + (f", {s.skipped_nonfinite} non-finite steps skipped" if s.skipped_nonfinite else ""))
         summary = json.loads((run_dir / "summary.json").read_text())
         if "mse_vs_sp" in summary:
-            print(f"samples, MSE (top) vs SP (bottom) from the same noise: {summary['mse_vs_sp']}")
+            files = summary.get("mse_vs_sp_files", [summary["mse_vs_sp"]])
+            print(f"samples from the same noise, the MSE model's first (top rows) then the SP model's: "
+                  f"{', '.join(files)}")
         print(f"run directory: {run_dir} (metrics.jsonl, samples/, checkpoints/, summary.json)")
     return 0
 
@@ -67,19 +69,21 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
+    from .datasets import modality
     from .evaluation import generate, load_model
-    from .images import save_grid
+    from .media import save_samples
 
     loaded = load_model(args.checkpoint, weights=args.weights)
     gen = generate(loaded, args.n, args.steps, args.guidance, args.rescale, args.seed, label=args.label,
                    progress=True)
     out = Path(args.out)
-    save_grid(gen.samples, out, scale=args.scale)
+    data = loaded.recipe.data
+    files = save_samples(gen.samples, out, modality(data), scale=args.scale, sample_rate=data.sample_rate)
     tensors = {"samples": gen.samples.contiguous(), "noise": gen.noise}
     if gen.labels is not None:
         tensors["labels"] = gen.labels
     save_file(tensors, str(out.with_suffix(".safetensors")))
-    print(f"wrote {out} and {out.with_suffix('.safetensors')} ({args.n} samples, {args.steps} steps, "
+    print(f"wrote {', '.join(map(str, files))} and {out.with_suffix('.safetensors')} ({args.n} samples, {args.steps} steps, "
           f"guidance {args.guidance}, rescale {args.rescale}, {args.weights} weights of {loaded.checkpoint})")
     return 0
 
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "online"], default="ema")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=2, help="pixel upscaling of the grid")
-    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--out", required=True, help="the PNG to write (video also writes .gif, audio .wav beside it)")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("evaluate", help="sample from a checkpoint and measure; writes JSON, prints one row")

@@ -36,12 +36,16 @@ except ModuleNotFoundError:  # Python < 3.11
 
 @dataclass
 class DataConfig:
-    name: str = "circles"            # circles | digits | image_folder
-    size: int = 32                   # images are size x size
-    channels: int = 1                # 1 (gray) or 3 (RGB); circles and digits are gray
-    num_items: int = 4096            # circles: how many images to generate
-    path: str = ""                   # image_folder: the folder (captions.jsonl optional inside)
-    conditional: bool = False        # digits: class-conditional on the 10 labels
+    name: str = "circles"            # image: circles | digits | image_folder;
+                                     # video: moving_shapes | video_folder; audio: tones | audio_folder
+    size: int = 32                   # images and video frames are size x size
+    channels: int = 1                # 1 (gray) or 3 (RGB); audio 1 (mono) or 2 (stereo)
+    frames: int = 8                  # video: frames per clip
+    length: int = 2048               # audio: samples per clip
+    sample_rate: int = 8000          # audio: Hz (audio_folder resamples to it)
+    num_items: int = 4096            # circles, moving_shapes, tones: how many items to generate
+    path: str = ""                   # *_folder: the folder (image_folder: captions.jsonl optional)
+    conditional: bool = False        # digits (10 digits), moving_shapes (8 headings), tones (8 pitches)
     num_workers: int = 0             # DataLoader workers
     seed: int = 0                    # generation seed of synthetic data
 
@@ -140,7 +144,8 @@ _ALIASES = {
     "batch": "batch_size", "num_steps": "steps", "max_steps": "steps", "ema": "ema_decay",
     "warmup": "warmup_steps", "lr_warmup_steps": "warmup_steps", "dropout": "cond_dropout",
     "num_train_timesteps": "num_timesteps", "timesteps": "num_timesteps",
-    "image_size": "size", "resolution": "size", "in_channels": "channels", "dataset": "name",
+    "image_size": "size", "resolution": "size", "num_frames": "frames", "sampling_rate": "sample_rate",
+    "sr": "sample_rate", "in_channels": "channels", "dataset": "name",
     "layer": "layers", "precision": "mixed_precision", "stage": "stages",
 }
 
@@ -422,7 +427,7 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     """Check ranges, choices and (unless check_paths=False) that data.path and sp.init exist;
     the first failure raises a one-line `RecipeError`."""
     from backbones import BACKBONES
-    from .datasets import DATASETS
+    from .datasets import DATASETS, MODALITY
     from .denoiser import LAYER_GROUPS
     from .objectives import DISTANCES, FORMULATIONS, T_PRIME_MODES
     from .schedule import SCHEDULE_KINDS
@@ -432,7 +437,10 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     d = r.data
     _choice("data.name", d.name, DATASETS)
     _at_least("data.size", d.size, 8)
-    _choice("data.channels", d.channels, (1, 3))
+    _choice("data.channels", d.channels, (1, 2) if MODALITY[d.name] == "audio" else (1, 3))
+    _at_least("data.frames", d.frames, 2 if d.name == "moving_shapes" else 1)  # a track needs two frames
+    _at_least("data.length", d.length, 16)
+    _at_least("data.sample_rate", d.sample_rate, 1000)
     _at_least("data.num_items", d.num_items, 1)
     _at_least("data.num_workers", d.num_workers, 0)
     _at_least("data.seed", d.seed, 0)
@@ -489,11 +497,12 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     # paths last: a typo elsewhere is reported before a missing folder
     if not check_paths:
         return
-    if d.name == "image_folder":
+    if d.name.endswith("_folder"):
+        what = {"image_folder": "images", "video_folder": "clips", "audio_folder": "audio files"}[d.name]
         if not d.path:
-            raise RecipeError("data.path must name a folder of images when data.name is 'image_folder'")
+            raise RecipeError(f"data.path must name a folder of {what} when data.name is '{d.name}'")
         if not Path(d.path).is_dir():
-            raise RecipeError(f"data.path '{d.path}' is not an existing directory (data.name = 'image_folder')")
+            raise RecipeError(f"data.path '{d.path}' is not an existing directory (data.name = '{d.name}')")
     if "sp" in stages:
         if stages == ["sp"] and not p.init:
             raise RecipeError(

@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Recipe, RecipeError, recipe_from_dict
-from .datasets import build_dataset, num_classes
+from .datasets import build_dataset, modality, num_classes, sample_shape
 from .sampling import ddim_sample
 from .trainer import build_model, build_schedule, run_info
 
-__all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "METRICS"]
+__all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "METRICS", "METRIC_MODALITY"]
 
 
 @dataclass
@@ -38,7 +38,7 @@ class LoadedModel:
 
 @dataclass
 class Generated:
-    samples: Tensor             # [N x C x H x W] in about [-1, 1], on the CPU
+    samples: Tensor             # [N x C x H x W] (video [N x C x F x H x W], audio [N x C x L]) in about [-1, 1], CPU
     noise: Tensor               # the initial noise x_T
     labels: Tensor | None       # the class of each sample for conditional models
     nfe: int                    # network evaluations per sample
@@ -79,7 +79,7 @@ def generate(
                           else "label needs a class-conditional model; this checkpoint is unconditional")
     device = next(loaded.model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, r.data.channels, r.data.size, r.data.size, generator=g)
+    noise = torch.randn(n, *sample_shape(r.data), generator=g)
     labels = None
     if k is not None:
         labels = torch.full((n,), label) if label is not None else torch.arange(n) % k
@@ -111,6 +111,18 @@ def _digits(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
     return digits_metrics(gen.samples, labels=gen.labels)
 
 
+def _moving_shapes(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
+    from .metrics.moving_shapes import moving_shapes_metrics
+
+    return moving_shapes_metrics(gen.samples, labels=gen.labels)
+
+
+def _tones(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
+    from .metrics.tones import tones_metrics
+
+    return tones_metrics(gen.samples, sample_rate=loaded.recipe.data.sample_rate, labels=gen.labels)
+
+
 def _inception(loaded: LoadedModel, gen: Generated, inception_net: torch.nn.Module,
                cache_dir: str | None = None, **_: Any) -> dict[str, float]:
     """FID against the recipe's data and IS, with the standard FID Inception network."""
@@ -138,7 +150,13 @@ def _inception(loaded: LoadedModel, gen: Generated, inception_net: torch.nn.Modu
     return {"fid": frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov), "is": is_mean, "is_std": is_std}
 
 
-METRICS: dict[str, Callable[..., dict[str, float]]] = {"circles": _circles, "digits": _digits, "inception": _inception}
+METRICS: dict[str, Callable[..., dict[str, float]]] = {
+    "circles": _circles, "digits": _digits, "inception": _inception,
+    "moving_shapes": _moving_shapes, "tones": _tones,
+}
+# the modality of the samples each metric measures
+METRIC_MODALITY = {"circles": "image", "digits": "image", "inception": "image",
+                   "moving_shapes": "video", "tones": "audio"}
 
 
 def evaluate(
@@ -149,6 +167,12 @@ def evaluate(
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise RecipeError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+    kind = modality(loaded.recipe.data)
+    wrong = [m for m in metrics if METRIC_MODALITY[m] != kind]
+    if wrong:
+        raise RecipeError(f"metric(s) {', '.join(wrong)} measure {METRIC_MODALITY[wrong[0]]} samples; this "
+                          f"checkpoint makes {kind} ({loaded.recipe.data.name}); choose from "
+                          f"{', '.join(m for m in METRICS if METRIC_MODALITY[m] == kind)}")
     if "inception" in metrics:  # find the weights before spending time on sampling
         from .metrics.inception import load_fid_inception
 

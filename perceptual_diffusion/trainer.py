@@ -36,10 +36,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Recipe, RecipeError, StageConfig, recipe_to_dict, save_recipe
-from .datasets import build_dataset, make_loader, num_classes
+from .datasets import build_dataset, make_loader, modality, num_classes, sample_shape
 from .datasets.loader import ResumableBatchSampler
 from .ema import EMA
-from .images import save_grid
+from .media import save_samples
 from .objectives import SelfPerceptual, VelocityMSE, make_perceptual
 from .sampling import ddim_sample
 from .schedule import NoiseSchedule
@@ -160,7 +160,10 @@ class Trainer:
                                       "(recipes/accelerate/ddp_*.yaml)")
         self.device = self.accelerator.device
         self.schedule = build_schedule(recipe)
-        self.dataset = build_dataset(recipe.data)
+        try:
+            self.dataset = build_dataset(recipe.data)
+        except (ValueError, RuntimeError, ImportError) as e:  # empty folder, missing decoder or extra
+            raise RecipeError(f"data ({recipe.data.name}): {e}") from e
         self.num_classes = num_classes(recipe.data)
         self.resume_from = resolve_checkpoint(resume, self.run_dir) if resume else None
         if self.resume_from is not None:
@@ -172,7 +175,7 @@ class Trainer:
         stages = recipe.train.stages
         self.offsets = {s: sum(self._stage_cfg(p).steps for p in stages[: stages.index(s)]) for s in stages}
         g = torch.Generator().manual_seed(recipe.seed + 12345)
-        shape = (recipe.train.num_samples, recipe.data.channels, recipe.data.size, recipe.data.size)
+        shape = (recipe.train.num_samples, *sample_shape(recipe.data))
         self.sample_noise = torch.randn(shape, generator=g)  # the same noise for every grid
         self.sample_cond = (torch.arange(recipe.train.num_samples) % self.num_classes) if self.num_classes else None
         self.is_main = self.accelerator.is_main_process
@@ -220,7 +223,11 @@ class Trainer:
     def _sample(self, model: torch.nn.Module, name: str) -> Path | None:
         if not self.is_main:
             return None
-        return save_grid(self._generate(model), self.run_dir / "samples" / f"{name}.png", scale=2)
+        return self._save(self._generate(model), self.run_dir / "samples" / f"{name}.png")[0]
+
+    def _save(self, x: torch.Tensor, path: Path, nrow: int | None = None) -> list[Path]:
+        d = self.recipe.data
+        return save_samples(x, path, modality(d), nrow=nrow, scale=2, sample_rate=d.sample_rate)
 
     # ------------------------------------------------------------------ the run
     def run(self, stop_after: int | None = None) -> TrainResult:
@@ -460,7 +467,8 @@ class Trainer:
             emas["mse"] = mse
         if len(emas) == 2:
             rows = [self._generate(emas[stage]) for stage in ("mse", "sp")]
-            path = save_grid(torch.cat(rows), self.run_dir / "samples" / "mse_vs_sp.png",
-                             nrow=self.recipe.train.num_samples, scale=2)
-            summary["mse_vs_sp"] = str(path)
+            paths = self._save(torch.cat(rows), self.run_dir / "samples" / "mse_vs_sp.png",
+                               nrow=self.recipe.train.num_samples)
+            summary["mse_vs_sp"] = str(paths[0])
+            summary["mse_vs_sp_files"] = [str(p) for p in paths]
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

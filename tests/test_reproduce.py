@@ -26,8 +26,13 @@ def test_plan_covers_the_papers_tables():
     rp = _load()
     tables = rp.plan_tables(list(rp.TASKS), ["digits"])
     titles = [t.title.split(" (")[0] for t in tables]
-    assert titles == ["Table 1"] * 3 + ["Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7",
-                                        "Table 8", "Table 8"]
+    assert titles == ["Table 1"] * 3 + ["Modalities"] * 2 + ["Table 2", "Table 3", "Table 4", "Table 5", "Table 6",
+                                                              "Table 7", "Table 8", "Table 8"]
+    # video and audio: MSE vs SP at 25 steps, nothing else
+    for task in ("moving_shapes", "tones"):
+        t = next(t for t in tables if t.task == task)
+        assert [(u.model, u.steps, u.guidance) for _, u in t.rows] == [("mse", 25, 1.0), ("sp", 25, 1.0)]
+        assert rp.models_of(task, tables) == ["mse", "sp"]
     t1 = {t.task: t for t in tables if t.title.startswith("Table 1")}
     # conditional: MSE 25/50, MSE + CFG 7.5 without and with rescale 0.7, SP 25/50; NFE doubles with CFG
     assert [(u.model, u.steps, u.guidance, u.rescale, u.nfe) for _, u in t1["digits"].rows] == [

@@ -12,12 +12,26 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ImageFolderDataset", "IMAGE_EXTENSIONS", "CAPTIONS_FILE"]
+__all__ = ["ImageFolderDataset", "IMAGE_EXTENSIONS", "CAPTIONS_FILE", "resize_center_crop"]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
+
+
+def resize_center_crop(im: Image.Image, size: int, channels: int) -> np.ndarray:
+    """Gray (channels=1) or RGB `im` with its shorter side resized to `size` (bicubic) and
+    centre-cropped to size x size: (size, size, channels) float32 in [-1, 1]."""
+    im = im.convert("L" if channels == 1 else "RGB")
+    w, h = im.size
+    scale = size / min(w, h)
+    # max(): rounding must never leave the shorter side below `size`.
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.float32).reshape(size, size, channels) / 127.5 - 1
 
 
 class ImageFolderDataset(Dataset):
@@ -86,15 +100,8 @@ class ImageFolderDataset(Dataset):
                 im = ImageOps.exif_transpose(im).convert("L" if self.channels == 1 else "RGB")
         except Exception as e:
             raise OSError(f"cannot read image {file}: {e}") from e
-        w, h = im.size
-        scale = self.size / min(w, h)
-        # max(): rounding must never leave the shorter side below `size`.
-        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        im = im.crop((left, top, left + self.size, top + self.size))
-        a = np.asarray(im, dtype=np.float32).reshape(self.size, self.size, self.channels)
-        return torch.from_numpy(a.transpose(2, 0, 1) / 127.5 - 1).contiguous()
+        a = resize_center_crop(im, self.size, self.channels)
+        return torch.from_numpy(a.transpose(2, 0, 1)).contiguous()
 
     def __getitem__(self, index: int) -> dict[str, Tensor | str]:
         item: dict[str, Tensor | str] = {"x": self.load(index)}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..datasets.synthetic import circles
-from .fid import frechet_distance
+from .fid import sample_frechet_distance
 
 __all__ = ["DiskFit", "detect_disk", "fit_disks", "circles_metrics", "label_components"]
 
@@ -175,12 +175,6 @@ def _default_reference(size: int) -> np.ndarray:
     return _normalised(params[valid], size, size)
 
 
-def _gaussian(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # One sample has no spread: a point mass (zero covariance), not NaN.
-    cov = np.cov(p, rowvar=False) if len(p) > 1 else np.zeros((p.shape[1], p.shape[1]))
-    return p.mean(0), np.atleast_2d(cov)
-
-
 def _coverage(reference: np.ndarray, generated: np.ndarray, radius: float) -> float:
     """Fraction of reference points with a generated point within `radius` (Euclidean)."""
     if len(generated) == 0 or len(reference) == 0:
@@ -228,11 +222,6 @@ def circles_metrics(samples: Tensor, reference: Tensor | None = None, *, thresho
         if not ref_valid.any():
             raise ValueError("no reference image is one solid disk")
         ref = _normalised(ref_params[ref_valid], reference.shape[-2], reference.shape[-1])
-    if len(gen):
-        mu_g, cov_g = _gaussian(gen)
-        mu_r, cov_r = _gaussian(ref)
-        param_fd = float(frechet_distance(mu_g, cov_g, mu_r, cov_r))
-    else:
-        param_fd = float("inf")
+    param_fd = sample_frechet_distance(gen, ref)
     return {"valid_fraction": float(valid.mean()) if n else 0.0, "num_valid": int(valid.sum()),
             "param_fd": param_fd, "coverage": _coverage(ref, gen, coverage_radius)}

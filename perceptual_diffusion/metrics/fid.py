@@ -26,6 +26,7 @@ from torch import Tensor
 from ..fileio import atomic_write
 
 __all__ = [
+    "sample_frechet_distance",
     "FeatureNetwork",
     "RunningStats",
     "frechet_distance",
@@ -242,3 +243,19 @@ def cached_statistics(path: str | os.PathLike, key: str,
     stats = compute_statistics(feature_net, make_batches(), key, progress=progress)
     stats.save(path)
     return stats
+
+
+def sample_frechet_distance(generated: np.ndarray, reference: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two sample sets [M x D] (rows are samples):
+    inf when `generated` is empty; one sample counts as a point mass (zero covariance)."""
+    if len(generated) == 0:
+        return float("inf")
+
+    def gaussian(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cov = np.cov(p, rowvar=False) if len(p) > 1 else np.zeros((p.shape[1], p.shape[1]))
+        return p.mean(0), np.atleast_2d(cov)
+
+    mu_g, cov_g = gaussian(np.asarray(generated, dtype=np.float64))
+    mu_r, cov_r = gaussian(np.asarray(reference, dtype=np.float64))
+    return float(frechet_distance(mu_g, cov_g, mu_r, cov_r))
+

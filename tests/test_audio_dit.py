@@ -1,0 +1,376 @@
+"""AudioDiT: patching, adaLN-Zero init, taps and early exit, conditioning, checkpointing, configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backbones.audio_dit import AudioDiT, AudioDiTConfig, patchify, tap_names, unpatchify
+from perceptual_diffusion import NoiseSchedule, SelfPerceptual, make_perceptual
+from perceptual_diffusion.denoiser import Denoiser
+
+
+def perturbed(net: AudioDiT, seed: int = 0, scale: float = 0.05) -> AudioDiT:
+    """Add noise to every parameter, so the zero-initialised paths carry signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return net.eval()
+
+
+def inputs(n: int = 2, c: int = 1, length: int = 128, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, length, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+def block_calls(net: AudioDiT, run) -> dict[str, int]:
+    """How often each block and the final layer ran during `run()`."""
+    counts = {f"blocks.{i}": 0 for i in range(len(net.blocks))} | {"final_layer": 0}
+    handles = [
+        net.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: counts.__setitem__(name, counts[name] + 1)
+        )
+        for name in counts
+    ]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+@pytest.fixture(scope="module")
+def tiny() -> AudioDiT:
+    return perturbed(AudioDiT.from_preset("tiny", num_classes=10))
+
+
+# ---------------------------------------------------------------- patching
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 3),
+    p=st.integers(1, 8),
+    tokens=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_patchify_unpatchify_round_trip(n, c, p, tokens, seed):
+    x = torch.randn(n, c, tokens * p, generator=torch.Generator().manual_seed(seed))
+    z = patchify(x, p)
+    assert z.shape == (n, tokens, c * p)
+    assert torch.equal(unpatchify(z, p, c), x)
+    assert torch.equal(patchify(unpatchify(z, p, c), p), z)
+    # token k holds samples k*p..(k+1)*p-1 of each channel, channel-major
+    k = tokens - 1
+    assert torch.equal(z[:, k].reshape(n, c, p), x[:, :, k * p : (k + 1) * p])
+
+
+def test_patchify_errors():
+    with pytest.raises(ValueError, match=r"L=10 is not divisible by patch_size=4"):
+        patchify(torch.zeros(1, 1, 10), 4)
+    with pytest.raises(ValueError, match=r"\[N x C x L\]"):
+        patchify(torch.zeros(1, 10), 2)
+    with pytest.raises(ValueError, match="channels=2 x patch_size=4"):
+        unpatchify(torch.zeros(1, 3, 6), 4, 2)
+
+
+# ---------------------------------------------------------------- shapes and presets
+
+
+@pytest.mark.parametrize(
+    "overrides,shape",
+    [
+        ({}, (1, 1, 16)),  # a single token
+        ({}, (1, 1, 256)),
+        ({}, (2, 1, 1024)),
+        ({"in_channels": 2, "out_channels": 3, "patch_size": 8}, (2, 2, 40)),
+        ({"patch_size": 1, "depth": 1}, (1, 1, 7)),
+    ],
+)
+def test_output_shape_and_feature_info(overrides, shape):
+    net = perturbed(AudioDiT.from_preset("tiny", **overrides))
+    x, t = inputs(*shape)
+    v = net(x, t)
+    c_out = overrides.get("out_channels", shape[1])
+    assert v.shape == (shape[0], c_out, shape[2])
+    assert torch.isfinite(v).all() and v.abs().amax() > 0
+    feats = net.forward_features(x, t, layers="all", stop_early=False)
+    for name, f in feats.items():
+        info = net.feature_info[name]
+        assert f.shape == (shape[0], shape[2] // info["reduction"], info["channels"]), name
+
+
+def test_length_not_divisible_raises(tiny):
+    x, t = inputs(2, 1, 100)
+    with pytest.raises(ValueError, match=r"L=100 is not divisible by patch_size=16"):
+        tiny(x, t)
+    with pytest.raises(ValueError, match=r"L=100 is not divisible by patch_size=16"):
+        tiny.forward_features(x, t, layers="down.0")
+    with pytest.raises(ValueError, match=r"\[N x 1 x L\]"):
+        tiny(torch.zeros(2, 2, 64), t)
+    with pytest.raises(ValueError, match=r"\[N x 1 x L\]"):
+        tiny(torch.zeros(2, 64), t)
+
+
+def test_presets():
+    counts = {name: sum(p.numel() for p in AudioDiT.from_preset(name).parameters()) for name in AudioDiT.PRESETS}
+    assert set(counts) >= {"tiny", "default"}
+    assert counts["tiny"] < 1_000_000
+    assert 6_000_000 <= counts["default"] <= 10_000_000
+    assert AudioDiT.PRESETS["default"] == AudioDiTConfig()
+    assert isinstance(AudioDiT.from_preset("tiny"), Denoiser)
+
+
+def test_construction_and_override_errors():
+    cfg = AudioDiT.PRESETS["tiny"]
+    a = AudioDiT(cfg)
+    b = AudioDiT(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    assert a.config == b.config
+    assert AudioDiT(cfg, dropout=0.1).config.dropout == 0.1
+    with pytest.raises(ValueError, match="tiny.*default"):
+        AudioDiT.from_preset("huge")
+    with pytest.raises(TypeError, match="'patchsize'"):
+        AudioDiT.from_preset("tiny", patchsize=8)
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"in_channels": 0}, "in_channels must be a positive int"),
+        ({"patch_size": 2.0}, "patch_size must be a positive int"),
+        ({"hidden_dim": -8}, "hidden_dim must be a positive int"),
+        ({"depth": 0}, "depth must be a positive int"),
+        ({"num_heads": True}, "num_heads must be a positive int"),
+        ({"out_channels": 0}, "out_channels"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"context_dim": -1}, "context_dim"),
+        ({"hidden_dim": 64, "num_heads": 6}, "hidden_dim=64 is not divisible by num_heads=6"),
+        ({"mlp_ratio": 0.0}, "mlp_ratio"),
+        ({"mlp_ratio": "4"}, "mlp_ratio"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"num_classes": 10, "context_dim": 8}, "exclusive"),
+        ({"attention_backend": "flash"}, "attention_backend='flash'.*sdpa.*xformers"),
+        ({"gradient_checkpointing": 1}, "gradient_checkpointing"),
+    ],
+)
+def test_config_validation(fields, match):
+    with pytest.raises(ValueError, match=match):
+        AudioDiTConfig(**fields)
+
+
+# ---------------------------------------------------------------- adaLN-Zero init
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_classes": 5}, {"context_dim": 6}])
+def test_output_is_exactly_zero_at_init(overrides):
+    torch.manual_seed(0)
+    net = AudioDiT.from_preset("tiny", **overrides).eval()
+    x, t = inputs(2, 1, 64)
+    cond = torch.randn(2, 3, 6) if "context_dim" in overrides else None
+    assert torch.equal(net(x, t, cond), torch.zeros_like(x))
+    # every block is the identity at init: all taps equal the embedded patches + positions
+    feats = net.forward_features(x, t, cond, layers="all")
+    first = feats["down.0"]
+    assert first.abs().amax() > 0
+    for name in net.feature_layers:
+        assert torch.equal(feats[name], first), name
+    assert not torch.equal(perturbed(net)(x, t, cond), torch.zeros_like(x))
+
+
+def test_positions_break_token_permutation_symmetry(tiny):
+    # without positional embeddings a transformer is permutation-equivariant over tokens
+    x, t = inputs(1, 1, 64)
+    perm = torch.tensor([2, 0, 3, 1])
+    x_perm = unpatchify(patchify(x, 16)[:, perm], 16, 1)
+    v_perm = patchify(tiny(x_perm, t), 16)
+    assert (v_perm - patchify(tiny(x, t), 16)[:, perm]).abs().amax() > 1e-4
+
+
+# ---------------------------------------------------------------- taps and early exit
+
+
+@pytest.mark.parametrize(
+    "depth,names",
+    [
+        (1, ("mid",)),
+        (2, ("down.0", "mid")),
+        (4, ("down.0", "down.1", "mid", "up.0")),
+        (5, ("down.0", "down.1", "mid", "up.0", "up.1")),
+    ],
+)
+def test_tap_names(depth, names):
+    assert tap_names(depth) == names
+    net = AudioDiT.from_preset("tiny", depth=depth)
+    assert net.feature_layers == names
+    assert set(net.feature_info) == set(names)
+    assert net.feature_layers.index("mid") == depth // 2
+
+
+@pytest.mark.parametrize("depth", [4, 5])
+def test_early_exit_runs_only_blocks_up_to_the_tap(depth):
+    net = perturbed(AudioDiT.from_preset("tiny", depth=depth))
+    x, t = inputs(1, 1, 64)
+    m = depth // 2
+    for layers, last in [("mid", m), ("down.0", 0), ("encoder", m - 1), (("down.1", "mid"), m)]:
+        counts = block_calls(net, lambda layers=layers: net.forward_features(x, t, layers=layers))
+        assert counts == {f"blocks.{i}": int(i <= last) for i in range(depth)} | {"final_layer": 0}, layers
+    counts = block_calls(net, lambda: net.forward_features(x, t, layers="mid", stop_early=False))
+    assert set(counts.values()) == {1}
+    assert set(block_calls(net, lambda: net(x, t)).values()) == {1}
+
+
+@pytest.mark.parametrize("depth", [4, 5])
+def test_early_exit_features_match_full_forward(depth):
+    net = perturbed(AudioDiT.from_preset("tiny", depth=depth, num_classes=3))
+    x, t = inputs(2, 1, 64)
+    y = torch.tensor([0, 2])
+    full = net.forward_features(x, t, y, layers="all", stop_early=False)
+    assert tuple(full) == net.feature_layers
+    for name in net.feature_layers:
+        early = net.forward_features(x, t, y, layers=name)
+        assert list(early) == [name]
+        assert torch.equal(early[name], full[name]), name
+    # the last tap is the input of the final layer
+    assert torch.equal(
+        unpatchify(net.final_layer(full[net.feature_layers[-1]], _cond_vector(net, t, y)), 16, 1), net(x, t, y)
+    )
+    # taps differ from each other once the blocks are not the identity
+    assert (full["mid"] - full["down.0"]).abs().amax() > 1e-4
+
+
+def _cond_vector(net: AudioDiT, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """c = MLP(timestep_embedding(t)) + label embedding, read from the first block's adaLN input."""
+    seen = []
+    h = net.blocks[0].adaLN.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    try:
+        net.forward_features(torch.zeros(len(t), 1, 16), t, y, layers="down.0")
+    finally:
+        h.remove()
+    return seen[0]
+
+
+# ---------------------------------------------------------------- conditioning
+
+
+def test_class_conditioning_changes_output(tiny):
+    x, t = inputs(2)
+    a = tiny(x, t, torch.tensor([1, 2]))
+    b = tiny(x, t, torch.tensor([3, 4]))
+    assert (a - b).abs().amax() > 1e-3
+    assert torch.equal(a, tiny(x, t, torch.tensor([1, 2])))
+    null = tiny.null_cond(torch.tensor([1, 2]))
+    assert torch.equal(null, torch.tensor([10, 10]))
+    assert torch.equal(tiny(x, t, None), tiny(x, t, null))  # None means the null label
+
+
+def test_context_conditioning_changes_output():
+    net = perturbed(AudioDiT.from_preset("tiny", context_dim=12))
+    x, t = inputs(2)
+    ctx = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(3))
+    a, b = net(x, t, ctx), net(x, t, ctx + 1.0)
+    assert a.shape == x.shape
+    assert (a - b).abs().amax() > 1e-3
+    assert net(x, t, torch.randn(2, 7, 12)).shape == x.shape  # any context length
+    with pytest.raises(ValueError, match="explicit uncond"):
+        net.null_cond(ctx)
+    with pytest.raises(ValueError, match=r"\(N, L, 12\)"):
+        net(x, t, torch.randn(2, 5, 11))
+    with pytest.raises(ValueError, match="needs a context"):
+        net(x, t)
+    with pytest.raises(ValueError, match="context of batch 3 for a batch of 2"):
+        net(x, t, torch.randn(3, 5, 12))
+
+
+def test_wrong_cond_raises(tiny):
+    x, t = inputs(2)
+    plain = AudioDiT.from_preset("tiny")
+    with pytest.raises(TypeError, match="no num_classes"):
+        plain(x, t, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="no cross-attention"):
+        tiny(x, t, torch.randn(2, 4, 8))
+    with pytest.raises(TypeError, match="list"):
+        tiny(x, t, [1, 2])
+    with pytest.raises(TypeError, match="dtype"):
+        tiny(x, t, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        tiny(x, t, torch.tensor([[1], [2]]))
+    with pytest.raises(ValueError, match="3 class labels for a batch of 2"):
+        tiny(x, t, torch.tensor([1, 2, 3]))
+    assert plain.null_cond(None) is None
+
+
+# ---------------------------------------------------------------- modes, batches, dtypes
+
+
+def test_eval_deterministic_train_dropout():
+    net = perturbed(AudioDiT.from_preset("tiny", dropout=0.3))
+    x, t = inputs(2)
+    assert torch.equal(net(x, t), net(x, t))
+    net.train()
+    assert not torch.equal(net(x, t), net(x, t))
+
+
+def test_batch_entries_independent(tiny):
+    x, t = inputs(2)
+    y = torch.tensor([4, 5])
+    both = tiny(x, t, y)
+    one = tiny(x[:1], t[:1], y[:1])
+    torch.testing.assert_close(one, both[:1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(tiny(x[:1], t[0], y[:1]), tiny(x[:1], t[:1], y[:1]))  # scalar t broadcasts
+
+
+def test_gradient_checkpointing_same_outputs_and_gradients():
+    plain = perturbed(AudioDiT.from_preset("tiny", context_dim=8)).train()
+    ckpt = AudioDiT.from_preset("tiny", context_dim=8, gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = inputs(2, 1, 64)
+    ctx = torch.randn(2, 3, 8, requires_grad=True)
+    outs, grads = [], []
+    for net in (plain, ckpt):
+        calls = []
+        h = net.blocks[1].register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        ctx.grad = None
+        v = net(x, t, ctx)
+        v.square().mean().backward()
+        h.remove()
+        outs.append(v.detach())
+        grads.append([p.grad.clone() for p in net.parameters()] + [ctx.grad.clone()])
+        assert len(calls) == (2 if net is ckpt else 1)  # checkpointing recomputes in backward
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_copy_accepts_float32(tiny):
+    x, t = inputs(2)
+    y = torch.tensor([1, 2])
+    ref = tiny(x, t, y)
+    half = AudioDiT.from_preset("tiny", num_classes=10)
+    half.load_state_dict(tiny.state_dict())
+    half = half.eval().to(torch.bfloat16)
+    v = half(x, t, y)
+    assert v.dtype == torch.float32
+    assert (v - ref).abs().amax() < 0.05 * ref.abs().amax() + 0.05
+    assert half.forward_features(x, t, y, layers="mid")["mid"].dtype == torch.bfloat16
+
+
+def test_self_perceptual_loss_trains_through_audio_dit():
+    net = perturbed(AudioDiT.from_preset("tiny")).train()
+    frozen = make_perceptual(net)
+    schedule = NoiseSchedule.scaled_linear(num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
+    sp = SelfPerceptual(schedule, frozen, layers="mid")
+    x0, t = inputs(2, 1, 64)
+    loss = sp(net, x0, t=t, t_prime=torch.tensor([10, 900]))
+    assert loss.shape == (2,) and (loss > 0).all()
+    loss.mean().backward()
+    assert all(p.grad is None for p in frozen.parameters())
+    assert net.final_layer.linear.weight.grad.abs().amax() > 0
+    # eq. 13: with t' = t the predicted and ground-truth inputs coincide, so the loss vanishes
+    same = sp(net, x0, t=t, t_prime=t)
+    torch.testing.assert_close(same, torch.zeros(2), rtol=0, atol=1e-8)
