@@ -296,6 +296,16 @@ def test_real_clips_score_valid_close_and_labelled(real_metrics):
     assert m["label_accuracy"] >= 0.99
     assert 0 < m["track_error"] < 0.15
     assert m["coverage"] > 0.3
+    assert m["frame_disk_fraction"] == 1.0 and m["disk_clip_fraction"] == 1.0
+
+
+def test_partial_credit_counts_frames_and_clips_of_disks(real_clips):
+    x = real_clips[:40].clone()
+    x[:10, :, 3] = -1.0  # one empty frame in a quarter of the clips
+    m = moving_shapes_metrics(x)
+    assert m["frame_disk_fraction"] == pytest.approx(1 - 10 / (40 * F))
+    assert m["disk_clip_fraction"] == pytest.approx(0.75)
+    assert m["valid_fraction"] <= 0.75
 
 
 def test_fd_of_a_set_with_itself_is_zero(real, real_clips):
@@ -341,7 +351,8 @@ def test_clips_without_one_disk_per_frame_score_nothing(kind, real_clips):
     m = moving_shapes_metrics(x, labels=torch.zeros(40, dtype=torch.long))
     assert m["valid_fraction"] == 0.0 and m["num_valid"] == 0
     assert m["param_fd"] == math.inf and m["coverage"] == 0.0
-    assert m["label_accuracy"] == 0.0
+    assert m["label_accuracy"] == 0.0 and m["disk_clip_fraction"] == 0.0
+    assert m["frame_disk_fraction"] < 0.02  # two disks: a frame where the disk covers the speck counts
 
 
 def test_turning_mid_box_or_growing_is_invalid_but_bouncing_is_valid():

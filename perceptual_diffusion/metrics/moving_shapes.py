@@ -59,6 +59,7 @@ class TrackFits:
     residual: np.ndarray
     rms: np.ndarray
     radius_range: np.ndarray
+    frame_disks: np.ndarray | None = None  # (N, F) bool: this frame is one solid disk
 
 
 def heading_of(velocity: np.ndarray) -> np.ndarray:
@@ -188,7 +189,7 @@ def fit_tracks(clips: Tensor, threshold: float = 0.0, min_iou: float = 0.9, *,
     with np.errstate(invalid="ignore"):  # NaN compares False: no disks, no valid track
         valid = disks & (radius_range <= radius_tol) & (residual <= track_tol)
     return TrackFits(disks=disks, valid=valid, start=start, velocity=velocity, radius=radius,
-                     residual=residual, rms=rms, radius_range=radius_range)
+                     residual=residual, rms=rms, radius_range=radius_range, frame_disks=frame_ok)
 
 
 def param_features(source: TrackFits | MovingShapesParams, height: int | None = None,
@@ -226,6 +227,9 @@ def moving_shapes_metrics(samples: Tensor, reference: Tensor | MovingShapesParam
       see `param_features`.
     - "coverage": fraction of reference clips whose nearest valid sample lies within
       `coverage_radius` in that normalised space.
+    - "frame_disk_fraction": fraction of all frames that are one solid disk, and
+      "disk_clip_fraction": fraction of clips whose every frame is (the track aside): the
+      per-frame and per-clip steps towards validity, informative while valid_fraction is 0.
     - "track_error": mean over the clips with a disk in every frame of the RMS distance in
       pixels of their centres from the fitted track (inf when there is none).
     - "label_accuracy" (with `labels` (N,)): fraction of the valid clips whose heading, the
@@ -263,7 +267,9 @@ def moving_shapes_metrics(samples: Tensor, reference: Tensor | MovingShapesParam
     num_valid = int(fits.valid.sum())
     out = {"valid_fraction": num_valid / n if n else 0.0, "num_valid": num_valid,
            "param_fd": param_fd, "coverage": _coverage(ref, gen, coverage_radius),
-           "track_error": float(fits.rms[fits.disks].mean()) if fits.disks.any() else float("inf")}
+           "track_error": float(fits.rms[fits.disks].mean()) if fits.disks.any() else float("inf"),
+           "frame_disk_fraction": float(fits.frame_disks.mean()) if n else 0.0,
+           "disk_clip_fraction": float(fits.disks.mean()) if n else 0.0}
     if labels is not None:
         heading = heading_of(fits.velocity[fits.valid])
         hits = heading == labels.detach().cpu().numpy()[fits.valid]
