@@ -75,7 +75,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.checkpoint, weights=args.weights)
     gen = generate(loaded, args.n, args.steps, args.guidance, args.rescale, args.seed, label=args.label,
-                   progress=True)
+                   progress=True, prompts=args.prompt)
     out = Path(args.out)
     data = loaded.recipe.data
     files = save_samples(gen.samples, out, modality(data), scale=args.scale, sample_rate=data.sample_rate)
@@ -85,6 +85,25 @@ def _sample(args: argparse.Namespace) -> int:
     save_file(tensors, str(out.with_suffix(".safetensors")))
     print(f"wrote {', '.join(map(str, files))} and {out.with_suffix('.safetensors')} ({args.n} samples, {args.steps} steps, "
           f"guidance {args.guidance}, rescale {args.rescale}, {args.weights} weights of {loaded.checkpoint})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from backbones import export_diffusers
+
+    from .evaluation import load_model
+
+    loaded = load_model(args.checkpoint, weights=args.weights)
+    m = loaded.recipe.model
+    if m.backbone != "diffusers_unet" or export_diffusers is None:
+        raise UserError(f"export writes diffusers UNets (model.backbone = 'diffusers_unet'); this checkpoint's "
+                        f"backbone is {m.backbone!r}")
+    components = args.components or (m.latent if m.latent and Path(m.latent).is_dir() else None)
+    out = export_diffusers(loaded.model, args.out, loaded.recipe.schedule, components_from=components)
+    print(f"wrote {out} (unet/ from the {args.weights} weights of {loaded.checkpoint}, scheduler/: DDIM, trailing, "
+          f"v-prediction{', zero terminal SNR' if loaded.recipe.schedule.zero_terminal_snr else ''}"
+          + (f"; vae/, text_encoder/, tokenizer/ from {components}" if components else
+             "; no vae/text_encoder/tokenizer: pass --components DIR or give them to from_pretrained") + ")")
     return 0
 
 
@@ -141,7 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=2, help="pixel upscaling of the grid")
     p.add_argument("--out", required=True, help="the PNG to write (video also writes .gif, audio .wav beside it)")
+    p.add_argument("--prompt", action="append", help="text-to-image models: a prompt (repeat it; samples cycle "
+                                                     "through them; default the empty prompt)")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("export", help="write a diffusers StableDiffusionPipeline directory from a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("out", help="the directory to write (unet/, scheduler/, model_index.json, ...)")
+    p.add_argument("--weights", choices=["ema", "online"], default="ema")
+    p.add_argument("--components", help="a local SD model directory to copy vae/, text_encoder/, tokenizer/ "
+                                         "from (default: the recipe's model.latent when it is a directory)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("evaluate", help="sample from a checkpoint and measure; writes JSON, prints one row")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")

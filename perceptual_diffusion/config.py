@@ -44,8 +44,13 @@ class DataConfig:
     length: int = 2048               # audio: samples per clip
     sample_rate: int = 8000          # audio: Hz (audio_folder resamples to it)
     num_items: int = 4096            # circles, moving_shapes, tones: how many items to generate
-    path: str = ""                   # *_folder: the folder (image_folder: captions.jsonl optional)
+    path: str = ""                   # *_folder: the folder (image_folder: captions.jsonl optional);
+                                     # shards: "/data/laion/{00000..00999}.tar", a glob or a folder
     conditional: bool = False        # digits (10 digits), moving_shapes (8 headings), tones (8 pitches)
+    min_size: int = 0                # shards: keep samples whose width and height are >= this
+    min_aesthetic: float = 0.0       # shards: keep samples with aesthetic score >= this (0 = no filter)
+    caption_key: str = "txt"         # shards: the member holding the caption
+    empty_captions: bool = False     # shards / image_folder: every caption "" (section 5.7, unconditional)
     num_workers: int = 0             # DataLoader workers
     seed: int = 0                    # generation seed of synthetic data
 
@@ -55,6 +60,9 @@ class ModelConfig:
     backbone: str = "image_unet"     # a key of backbones' registry
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # backbone config fields
+    pretrained: str = ""             # diffusers_unet: a diffusers model dir or hub id to load the UNet from
+    latent: str = ""                 # a diffusers model dir or hub id whose vae / text_encoder / tokenizer
+                                     # train the backbone in latent space on captions ("" = pixel space)
 
 
 @dataclass
@@ -441,6 +449,14 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     _at_least("data.frames", d.frames, 2 if d.name == "moving_shapes" else 1)  # a track needs two frames
     _at_least("data.length", d.length, 16)
     _at_least("data.sample_rate", d.sample_rate, 1000)
+    _at_least("data.min_size", d.min_size, 0)
+    _at_least("data.min_aesthetic", d.min_aesthetic, 0)
+    if r.model.latent and (MODALITY[d.name] != "image" or d.channels != 3):
+        raise RecipeError(f"model.latent needs RGB images (data.channels = 3 from an image dataset), got "
+                          f"data.name = {d.name!r}, data.channels = {d.channels}")
+    if r.model.pretrained and r.model.backbone != "diffusers_unet":
+        raise RecipeError(f"model.pretrained loads diffusers UNets only (model.backbone = 'diffusers_unet'), "
+                          f"got model.backbone = {r.model.backbone!r}")
     _at_least("data.num_items", d.num_items, 1)
     _at_least("data.num_workers", d.num_workers, 0)
     _at_least("data.seed", d.seed, 0)
@@ -497,6 +513,9 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     # paths last: a typo elsewhere is reported before a missing folder
     if not check_paths:
         return
+    if d.name == "shards" and not d.path:
+        raise RecipeError("data.path must name the shards (a {000..999} pattern, a glob or a folder) when "
+                          "data.name is 'shards'")
     if d.name.endswith("_folder"):
         what = {"image_folder": "images", "video_folder": "clips", "audio_folder": "audio files"}[d.name]
         if not d.path:

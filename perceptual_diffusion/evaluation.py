@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Recipe, RecipeError, recipe_from_dict
-from .datasets import build_dataset, modality, num_classes, sample_shape
+from .datasets import build_dataset, modality, num_classes
 from .sampling import ddim_sample
-from .trainer import build_model, build_schedule, run_info
+from .trainer import build_latent, build_model, build_schedule, model_input_shape, run_info
 
 __all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "METRICS", "METRIC_MODALITY"]
 
@@ -30,6 +30,7 @@ class LoadedModel:
     recipe: Recipe
     checkpoint: Path
     weights: str
+    latent: Any = None          # LatentPipeline of text-to-image models (model.latent), else None
 
     @property
     def num_classes(self) -> int | None:
@@ -51,45 +52,54 @@ def load_model(checkpoint: str | Path, weights: str = "ema", device: str | torch
     if weights not in ck.weights:
         raise RecipeError(f"checkpoint {path} has no {weights!r} weights (it has {', '.join(ck.weights)})")
     recipe = recipe_from_dict(run_info(ck.meta)["recipe"], check_paths=False)
-    model = build_model(recipe)
+    model = build_model(recipe, pretrained_weights=False)  # the checkpoint holds the weights
     model.load_state_dict(ck.weights[weights])
-    return LoadedModel(model.to(device).eval(), recipe, path, weights)
+    return LoadedModel(model.to(device).eval(), recipe, path, weights, build_latent(recipe, device))
 
 
 def generate(
     loaded: LoadedModel, n: int, steps: int = 25, guidance: float = 1.0, rescale: float = 0.0,
     seed: int = 0, label: int | None = None, batch_size: int = 256, progress: bool = False,
+    prompts: list[str] | None = None,
 ) -> Generated:
     """`n` samples with DDIM (trailing, eta 0) from noise seeded by `seed`, in batches.
 
     Conditional models cycle through the classes (or use `label` for all); guidance != 1 needs
-    a conditional model and uses its null label as the unconditional input.
+    a conditional model and uses its null label as the unconditional input. Text-to-image
+    models (`model.latent`) cycle through `prompts` (default: the empty prompt), guide with the
+    empty prompt's context, and decode their latents to images.
     """
     r, k = loaded.recipe, loaded.num_classes
+    latent = loaded.latent
+    if prompts is not None and latent is None:
+        raise RecipeError("prompts need a text-to-image checkpoint (model.latent); this one is not")
     if n < 1 or steps < 1 or batch_size < 1:
         raise RecipeError(f"need n, steps and batch size >= 1, got {n}, {steps}, {batch_size}")
     if steps > r.schedule.num_timesteps:
         raise RecipeError(f"steps must be in [1, {r.schedule.num_timesteps}], got {steps}")
     if not 0.0 <= rescale <= 1.0:
         raise RecipeError(f"rescale must be in [0, 1], got {rescale}")
-    if guidance != 1.0 and k is None:
+    if guidance != 1.0 and k is None and latent is None:
         raise RecipeError("guidance needs a class-conditional model; this checkpoint is unconditional")
     if label is not None and (k is None or not 0 <= label < k):
         raise RecipeError(f"label needs a class-conditional model and a value in [0, {k})" if k
                           else "label needs a class-conditional model; this checkpoint is unconditional")
     device = next(loaded.model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, *sample_shape(r.data), generator=g)
+    noise = torch.randn(n, *model_input_shape(r, latent), generator=g)
     labels = None
     if k is not None:
         labels = torch.full((n,), label) if label is not None else torch.arange(n) % k
+    prompts = [(prompts or [""])[i % len(prompts or [""])] for i in range(n)] if latent is not None else None
     schedule = build_schedule(r)
     chunks = []
     for i in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, leave=False):
         cond = None if labels is None else labels[i:i + batch_size].to(device)
+        if prompts is not None:
+            cond = latent.encode_prompts(prompts[i:i + batch_size])
         x = ddim_sample(loaded.model, schedule, noise[i:i + batch_size].to(device), cond=cond, steps=steps,
                         guidance_scale=guidance, guidance_rescale=rescale)
-        chunks.append(x.cpu())
+        chunks.append((x if latent is None else latent.decode(x)).cpu())
     return Generated(torch.cat(chunks), noise, labels, steps * (2 if guidance != 1.0 else 1))
 
 

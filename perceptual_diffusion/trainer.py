@@ -83,16 +83,55 @@ def build_schedule(recipe: Recipe) -> NoiseSchedule:
     return NoiseSchedule.from_name(s.kind, **kwargs)
 
 
-def build_model(recipe: Recipe) -> torch.nn.Module:
-    """The recipe's backbone, with in_channels and num_classes taken from the data."""
-    from backbones import build_backbone
+def build_model(recipe: Recipe, pretrained_weights: bool = True) -> torch.nn.Module:
+    """The recipe's backbone, with in_channels (pixel space) and num_classes taken from the data.
+
+    With `model.pretrained` the UNet comes from that diffusers model: its weights, or only its
+    architecture when `pretrained_weights=False` (the weights then come from a checkpoint).
+    Latent models (`model.latent`) take their in_channels from the UNet, not from the images.
+    """
+    from backbones import BACKBONES, build_backbone
 
     m = recipe.model
-    overrides = {"in_channels": recipe.data.channels, "num_classes": num_classes(recipe.data), **m.overrides}
+    overrides: dict[str, Any] = {"num_classes": num_classes(recipe.data), **m.overrides}
+    if not m.latent:
+        overrides = {"in_channels": recipe.data.channels, **overrides}
     try:
-        return build_backbone(m.backbone, m.preset, **overrides)
+        if not m.pretrained:
+            return build_backbone(m.backbone, m.preset, **overrides)
+        cls = BACKBONES[m.backbone]
+        if pretrained_weights:
+            return cls.from_pretrained(m.pretrained, **overrides)
+        from diffusers import UNet2DConditionModel
+
+        return cls.from_config(UNet2DConditionModel.load_config(m.pretrained, subfolder="unet"), **overrides)
     except (TypeError, ValueError) as e:  # an unknown preset or config field comes from the recipe
         raise RecipeError(f"model: {e}") from e
+    except OSError as e:  # diffusers: no such directory / hub id
+        raise RecipeError(f"model.pretrained {m.pretrained!r}: {' '.join(str(e).split())}") from e
+
+
+def build_latent(recipe: Recipe, device: torch.device | str = "cpu"):
+    """The frozen VAE + text encoder + tokenizer of `model.latent` (None for pixel-space recipes)."""
+    if not recipe.model.latent:
+        return None
+    from .latent import LatentPipeline
+
+    try:
+        return LatentPipeline.from_pretrained(recipe.model.latent).to(device)
+    except OSError as e:
+        raise RecipeError(f"model.latent {recipe.model.latent!r}: {' '.join(str(e).split())}") from e
+
+
+def model_input_shape(recipe: Recipe, latent=None) -> tuple[int, ...]:
+    """The shape of one sample the backbone sees: the data's, or its VAE latent."""
+    shape = sample_shape(recipe.data)
+    return shape if latent is None else tuple(latent.latent_shape(shape))
+
+
+def preview_prompts(dataset, n: int) -> list[str]:
+    """The captions of the first `n` items (cycled): the fixed prompts of text-to-image previews."""
+    return [dataset[i % len(dataset)].get("caption", "") for i in range(n)]
 
 
 def _param_digest(model: torch.nn.Module) -> str:
@@ -174,10 +213,16 @@ class Trainer:
         self._models: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}  # stage -> (online, ema)
         stages = recipe.train.stages
         self.offsets = {s: sum(self._stage_cfg(p).steps for p in stages[: stages.index(s)]) for s in stages}
+        self.latent = build_latent(recipe, self.device)  # None in pixel space
+        if self.latent is not None and "caption" not in self.dataset[0]:
+            raise RecipeError(f"model.latent trains on captions, but {recipe.data.name} items have none (an "
+                              "image_folder needs captions.jsonl; set data.empty_captions = true for section 5.7)")
         g = torch.Generator().manual_seed(recipe.seed + 12345)
-        shape = (recipe.train.num_samples, *sample_shape(recipe.data))
+        shape = (recipe.train.num_samples, *model_input_shape(recipe, self.latent))
         self.sample_noise = torch.randn(shape, generator=g)  # the same noise for every grid
         self.sample_cond = (torch.arange(recipe.train.num_samples) % self.num_classes) if self.num_classes else None
+        if self.latent is not None:  # the captions of the first items, the same for every grid
+            self.sample_cond = self.latent.encode_prompts(preview_prompts(self.dataset, recipe.train.num_samples))
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,11 +259,21 @@ class Trainer:
         d = self.recipe.sp.perceptual_dtype
         return DTYPES[self.recipe.train.mixed_precision if d == "auto" else d]
 
+    def _new_model(self, pretrained_weights: bool = True) -> torch.nn.Module:
+        """The recipe's backbone; a latent text-to-image model also gets the empty prompt's
+        context as its null condition (before any EMA or frozen copy is made of it)."""
+        net = build_model(self.recipe, pretrained_weights)
+        if self.latent is not None:
+            net.set_null_context(self.latent.null_context().cpu())
+        return net
+
     def _generate(self, model: torch.nn.Module) -> torch.Tensor:
-        """Samples from the fixed noise (and fixed labels), without guidance, on the CPU."""
+        """Samples from the fixed noise (and fixed labels or prompts), without guidance, on the
+        CPU; latents are decoded to images."""
         cond = None if self.sample_cond is None else self.sample_cond.to(self.device)
-        return ddim_sample(model, self.schedule, self.sample_noise.to(self.device), cond=cond,
-                           steps=self.recipe.train.sample_steps).cpu()
+        x = ddim_sample(model, self.schedule, self.sample_noise.to(self.device), cond=cond,
+                        steps=self.recipe.train.sample_steps)
+        return (x if self.latent is None else self.latent.decode(x)).cpu()
 
     def _sample(self, model: torch.nn.Module, name: str) -> Path | None:
         if not self.is_main:
@@ -266,7 +321,7 @@ class Trainer:
 
     def _frozen(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The perceptual network f_*: the recipe's backbone with `weights`, frozen."""
-        net = build_model(self.recipe)
+        net = self._new_model(pretrained_weights=False)
         net.load_state_dict(weights)
         return make_perceptual(net, dtype=self._perceptual_dtype())
 
@@ -284,7 +339,8 @@ class Trainer:
         # a stage starts from the recipe's seed whatever ran before it; a resume then restores
         # every RNG from the checkpoint
         set_seed(recipe.seed + (stage == "sp"))
-        model = build_model(recipe)
+        # stage mse starts from model.pretrained (if any); everything else loads a checkpoint
+        model = self._new_model(pretrained_weights=stage == "mse" and resume is None)
         perceptual = None
         state: dict[str, Any] = {}
         if resume is not None:
@@ -323,6 +379,8 @@ class Trainer:
             recipe.seed * 1_000_003 + 7919 * acc.process_index + (stage == "sp"))
 
         world, rank = acc.num_processes, acc.process_index
+        log.info("stage %s: effective batch %d = %d per process x %d accumulation steps x %d processes", stage,
+                 cfg.batch_size * cfg.grad_accum * world, cfg.batch_size, cfg.grad_accum, world)
         pos = state.get("data_position", (0, 0))
         sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, seed=recipe.seed + (stage == "sp"),
                                         rank=rank, world_size=world, epoch=pos[0], batch_in_epoch=pos[1])
@@ -376,6 +434,8 @@ class Trainer:
                 while "x" not in batch:  # every item of the batch was unreadable
                     batch = next_batch()
                 x0 = batch["x"].to(self.device)
+                if self.latent is not None:  # images -> VAE latents (a posterior sample)
+                    x0 = self.latent.encode_images(x0, generator=gen)
                 cond = self._condition(batch, cfg.cond_dropout, gen)
                 with acc.autocast():
                     loss = objective(model, x0, cond, generator=gen).mean()
@@ -440,6 +500,12 @@ class Trainer:
                            checkpoint=str(path), **counters)
 
     def _condition(self, batch: dict, dropout: float, gen: torch.Generator) -> torch.Tensor | None:
+        if self.latent is not None:  # captions -> text contexts; dropped ones -> the empty prompt
+            context = self.latent.encode_prompts(batch["caption"])
+            if dropout > 0:
+                drop = torch.rand(context.shape[0], device=self.device, generator=gen) < dropout
+                context = torch.where(drop[:, None, None], self.latent.null_context(), context)
+            return context
         labels = batch.get("label")
         if labels is None or self.num_classes is None:
             return None
@@ -462,7 +528,7 @@ class Trainer:
         emas = {stage: m[1] for stage, m in models.items()}
         if "sp" in emas and "mse" not in emas and tuple(self.recipe.train.stages) == ("mse", "sp"):
             # stage 1 finished in an earlier process: its final EMA is in its checkpoint
-            mse = build_model(self.recipe).to(self.device).eval()
+            mse = self._new_model(pretrained_weights=False).to(self.device).eval()
             mse.load_state_dict(load_checkpoint(self._stage1_source()).weights["ema"])
             emas["mse"] = mse
         if len(emas) == 2:

@@ -206,13 +206,14 @@ def test_bad_override_is_one_clear_line(item, message):
         (["data.channels=2"], "data.channels must be one of 1, 3, got 2"),
         (["data.num_items=0"], "data.num_items must be >= 1, got 0"),
         (["data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),
-        (["data.name=mnist"], "data.name must be one of 'circles', 'digits', 'image_folder', 'moving_shapes', "
-                               "'video_folder', 'tones', 'audio_folder', got 'mnist'"),
+        (["data.name=mnist"], "data.name must be one of 'circles', 'digits', 'image_folder', 'shards', "
+                               "'moving_shapes', 'video_folder', 'tones', 'audio_folder', got 'mnist'"),
         (["data.name=tones", "data.channels=3"], "data.channels must be one of 1, 2, got 3"),
         (["data.name=moving_shapes", "data.channels=2"], "data.channels must be one of 1, 3, got 2"),
         (["data.frames=0"], "data.frames must be >= 1, got 0"),
-        (["data.name=circle"], "data.name must be one of 'circles', 'digits', 'image_folder', 'moving_shapes', "
-                               "'video_folder', 'tones', 'audio_folder', got 'circle'; did you mean 'circles'?"),
+        (["data.name=circle"], "data.name must be one of 'circles', 'digits', 'image_folder', 'shards', "
+                               "'moving_shapes', 'video_folder', 'tones', 'audio_folder', got 'circle'; "
+                               "did you mean 'circles'?"),
         (["model.backbone=dit"], "model.backbone must be one of 'image_unet', 'video_unet', 'audio_dit', "
                                        "'diffusers_unet', got 'dit'"),
         (["schedule.kind=sigmoid"], "schedule.kind must be one of 'linear', 'scaled_linear', 'cosine', "
@@ -319,7 +320,8 @@ def test_boundary_values_are_accepted(overrides):
         ({"shedule": {}}, "unknown key 'shedule'; did you mean 'schedule'?"),
         ({"optimizer": {}}, "unknown key 'optimizer'; valid keys: name, seed, data, model, schedule, mse, sp, train"),
         ({"data": {"zzz": 1}}, "unknown key 'data.zzz'; valid keys in data: name, size, channels, frames, "
-                               "length, sample_rate, num_items, path, conditional, num_workers, seed"),
+                               "length, sample_rate, num_items, path, conditional, min_size, min_aesthetic, "
+                               "caption_key, empty_captions, num_workers, seed"),
     ],
 )
 def test_unknown_key_names_it_and_suggests(d, message):

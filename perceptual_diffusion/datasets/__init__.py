@@ -1,6 +1,7 @@
 """Datasets that ship (no download) and loaders for real data, per modality:
 
-    image  circles (generated one-disk images), digits (scikit-learn's 8x8 digits), image_folder
+    image  circles (generated one-disk images), digits (scikit-learn's 8x8 digits), image_folder,
+           shards (LAION-style webdataset tar shards with metadata filters)
     video  moving_shapes (generated clips of one bouncing disk), video_folder
     audio  tones (generated sine tones on a scale), audio_folder (WAV/FLAC via soundfile)
 
@@ -24,7 +25,7 @@ __all__ = ["build_dataset", "num_classes", "sample_shape", "modality", "DATASETS
 
 # dataset name -> modality; a new dataset adds one entry here and one branch in build_dataset
 MODALITY = {
-    "circles": "image", "digits": "image", "image_folder": "image",
+    "circles": "image", "digits": "image", "image_folder": "image", "shards": "image",
     "moving_shapes": "video", "video_folder": "video",
     "tones": "audio", "audio_folder": "audio",
 }
@@ -64,7 +65,13 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     if cfg.name == "digits":
         return DigitsDataset(cfg.size, cfg.conditional)
     if cfg.name == "image_folder":
-        return ImageFolderDataset(cfg.path, cfg.size, cfg.channels)
+        return ImageFolderDataset(cfg.path, cfg.size, cfg.channels, empty_captions=cfg.empty_captions)
+    if cfg.name == "shards":
+        from .shards import ShardDataset
+
+        return ShardDataset(cfg.path, cfg.size, cfg.channels, min_size=cfg.min_size,
+                            min_aesthetic=cfg.min_aesthetic or None, caption_key=cfg.caption_key,
+                            empty_captions=cfg.empty_captions)
     if kind == "video":
         from .video import MovingShapesDataset, VideoFolderDataset
 

@@ -39,13 +39,14 @@ class ImageFolderDataset(Dataset):
     machine), resized so the shorter side is `size`, center-cropped to size x size and converted
     to gray (channels=1) or RGB (channels=3). Items {"x": (channels, size, size) float32 in
     [-1, 1]}, plus "caption": str when `path/captions.jsonl` exists (one {"file": relative
-    path, "caption": str} per line; an image without a line gets "").
+    path, "caption": str} per line; an image without a line gets ""). `empty_captions=True`
+    gives every image the caption "" (unconditional training, section 5.7).
 
     An unreadable image raises OSError naming the file from __getitem__, not from the
     constructor (files are only listed here); wrap the dataset in `SkipCorrupt` to skip them.
     """
 
-    def __init__(self, path: str | Path, size: int = 32, channels: int = 3):
+    def __init__(self, path: str | Path, size: int = 32, channels: int = 3, empty_captions: bool = False):
         if not str(path):
             raise ValueError("image_folder: no folder given (set data.path)")
         if channels not in (1, 3):
@@ -63,6 +64,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
                              f"found under {root}")
         self.captions = self._read_captions(root / CAPTIONS_FILE)
+        if empty_captions:  # section 5.7: the same data, every caption "" (unconditional)
+            self.captions = [""] * len(self.files)
 
     def _read_captions(self, file: Path) -> list[str] | None:
         if not file.is_file():

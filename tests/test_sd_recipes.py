@@ -1,0 +1,144 @@
+"""The Stable Diffusion 2.1 recipes end to end, offline: the shipped recipes/image/sd21_*.toml
+run a few steps on tiny components built from configs (UNet, VAE, CLIP text encoder and a local
+tokenizer, saved as a diffusers model directory) and on LAION-style shards written here, then
+the trained UNet is exported and reloaded by diffusers' StableDiffusionPipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from perceptual_diffusion.checkpoint import load_checkpoint  # noqa: E402
+from perceptual_diffusion.cli import main  # noqa: E402
+from perceptual_diffusion.config import RecipeError, load_recipe  # noqa: E402
+from perceptual_diffusion.datasets.shards import write_shards  # noqa: E402
+from perceptual_diffusion.trainer import Trainer, final_checkpoint  # noqa: E402
+
+from sd_tiny import tiny_pipeline, write_tokenizer_files  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a cat", "the dog", "a dog", "the cat"]
+
+
+@pytest.fixture(scope="module")
+def sd_world(tmp_path_factory):
+    """A tiny SD model directory and 2 shards of 10 samples (2 of them filtered out)."""
+    root = tmp_path_factory.mktemp("sd")
+    pipe = tiny_pipeline(write_tokenizer_files(root / "tok"))
+    model_dir = root / "model"
+    pipe.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(10):
+        im = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+        small = i == 3  # the resolution filter drops it
+        ugly = i == 7  # the aesthetic filter drops it
+        meta = {"width": 300 if small else 600, "height": 600, "aesthetic": 5.0 if ugly else 6.5}
+        samples.append((f"{i:05d}", im, CAPTIONS[i % 4], meta))
+    write_shards(samples, root / "shards", per_shard=5)
+    return model_dir, root / "shards"
+
+
+def _overrides(model_dir: Path, shards: Path) -> list[str]:
+    return [f"model.pretrained={json.dumps(str(model_dir))}", f"model.latent={json.dumps(str(model_dir))}",
+            "model.overrides={}", f"data.path={json.dumps(str(shards))}", "data.size=16",
+            "data.num_workers=0", "train.mixed_precision='no'", "train.sample_every=2", "train.num_samples=2",
+            "train.sample_steps=2", "train.checkpoint_every=0", "train.log_every=1"]
+
+
+def _stage(name: str, steps: int = 2) -> list[str]:
+    return [f"{name}.steps={steps}", f"{name}.batch_size=2", f"{name}.grad_accum=1", f"{name}.warmup_steps=0"]
+
+
+def test_t2i_mse_then_sp_then_export_and_reload(sd_world, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    model_dir, shards = sd_world
+    base = _overrides(model_dir, shards)
+    mse_run = tmp_path / "runs" / "sd21_t2i_mse"
+    recipe = load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", base + _stage("mse"))
+    assert (recipe.data.min_size, recipe.data.min_aesthetic, recipe.mse.cond_dropout) == (513, 6.0, 0.1)
+    trainer = Trainer(recipe, mse_run, progress=False)
+    assert trainer.dataset.stats["kept"] == 8  # the size and aesthetic filters each drop one
+    assert tuple(trainer.sample_noise.shape) == (2, 4, 8, 8)  # VAE latents of 16x16 images
+    trainer.run()
+    ck = load_checkpoint(final_checkpoint(mse_run, "mse"))
+    null = ck.weights["ema"]["null_context"]
+    torch.testing.assert_close(null, trainer.latent.null_context().cpu())  # the empty prompt's context
+    with Image.open(mse_run / "samples" / "mse-0000002.png") as im:
+        assert im.mode == "RGB"  # decoded by the VAE, not raw latents
+
+    sp_run = tmp_path / "runs" / "sd21_t2i_sp"
+    recipe = load_recipe(ROOT / "recipes/image/sd21_t2i_sp.toml",
+                         base + _stage("sp") + [f"sp.init={json.dumps(str(mse_run))}"])
+    assert (recipe.sp.cond_dropout, recipe.sp.layers, tuple(recipe.train.stages)) == (0.0, "mid", ("sp",))
+    result = Trainer(recipe, sp_run, progress=False).run()
+    assert result.stages[0].stage == "sp" and np.isfinite(result.stages[0].final_loss)
+
+    out = tmp_path / "export"
+    assert main(["export", str(sp_run), str(out)]) == 0
+    assert "text_encoder" in capsys.readouterr().out
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    cfg = pipe.scheduler.config
+    assert (cfg.prediction_type, cfg.timestep_spacing, cfg.rescale_betas_zero_snr) == ("v_prediction", "trailing", True)
+    ema = load_checkpoint(final_checkpoint(sp_run, "sp")).weights["ema"]
+    for name, p in pipe.unet.state_dict().items():
+        torch.testing.assert_close(p, ema[f"unet.{name}"], rtol=0, atol=0)
+    image = pipe("a cat", num_inference_steps=2, guidance_scale=7.5, guidance_rescale=0.7, height=16, width=16,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+    png = tmp_path / "cats.png"
+    assert main(["sample", str(sp_run), "--n", "2", "--steps", "2", "--guidance", "7.5", "--rescale", "0.7",
+                 "--prompt", "a cat", "--prompt", "the dog", "--out", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.mode == "RGB"
+
+
+def test_uncond_recipe_trains_on_the_empty_prompt(sd_world, tmp_path):
+    model_dir, shards = sd_world
+    recipe = load_recipe(ROOT / "recipes/image/sd21_uncond_mse.toml",
+                         _overrides(model_dir, shards) + _stage("mse", 1) + ["train.sample_every=0"])
+    trainer = Trainer(recipe, tmp_path / "u", progress=False)
+    assert recipe.data.empty_captions and {trainer.dataset[i]["caption"] for i in range(8)} == {""}
+    batch = {"caption": ["", ""]}
+    gen = torch.Generator().manual_seed(0)
+    cond = trainer._condition(batch, 0.0, gen)
+    torch.testing.assert_close(cond, trainer.latent.null_context().expand(2, -1, -1))
+    trainer.run()
+
+
+def test_text_dropout_replaces_contexts_with_the_empty_prompt(sd_world, tmp_path):
+    model_dir, shards = sd_world
+    recipe = load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", _overrides(model_dir, shards) + _stage("mse"))
+    trainer = Trainer(recipe, tmp_path / "d", progress=False)
+    prompts = ["a cat"] * 64
+    full = trainer.latent.encode_prompts(prompts)
+    null = trainer.latent.null_context()
+    got = trainer._condition({"caption": prompts}, 0.5, torch.Generator().manual_seed(0))
+    dropped = [bool(torch.equal(got[i], null[0])) for i in range(64)]
+    kept = [bool(torch.equal(got[i], full[i])) for i in range(64)]
+    assert all(d != k for d, k in zip(dropped, kept)) and 16 < sum(dropped) < 48
+    assert trainer._condition({"caption": prompts}, 0.0, torch.Generator()).equal(full)
+
+
+def test_sd_recipe_errors(sd_world, tmp_path):
+    model_dir, shards = sd_world
+    base = _overrides(model_dir, shards)
+    with pytest.raises(RecipeError, match="model.latent needs RGB images"):
+        load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", base + ["data.channels=1"])
+    with pytest.raises(RecipeError, match="model.pretrained loads diffusers UNets only"):
+        load_recipe(ROOT / "recipes/image/circles.toml", [f"model.pretrained={json.dumps(str(model_dir))}"])
+    with pytest.raises(RecipeError, match="sp.init"):
+        load_recipe(ROOT / "recipes/image/sd21_t2i_sp.toml", base + ["sp.init='runs/nowhere'"])
+    missing = base + [f"model.pretrained={json.dumps(str(tmp_path / 'nothing'))}"] + _stage("mse")
+    with pytest.raises(RecipeError, match="model.pretrained"):
+        Trainer(load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", missing), tmp_path / "m", progress=False).run()
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
