@@ -2,6 +2,10 @@
 
     python benchmarks/sp_step.py                       # default ImageUNet, CPU, float32
     python benchmarks/sp_step.py --device cuda --autocast bf16 --frozen-dtype bf16 --batch 16
+    python benchmarks/sp_step.py --backbone diffusers_unet --preset sd21-base --device cuda \
+        --autocast bf16 --frozen-dtype bf16 --batch 16 --size 64 --channels 4   # the paper's setting
+    python benchmarks/sp_step.py --backbone diffusers_unet --preset sd21-reduced --batch 2 \
+        --size 32 --channels 4                                                 # the same on a CPU
 
 All variants run in one process on the same network and batch, interleaved round-robin so
 machine drift hits them alike; the table reports the median step time and its ratio to MSE.
@@ -89,9 +93,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+# SD2.1-base's UNet layout at a fifth of the width (heads of 64 channels kept), for CPUs
+SD21_REDUCED = {"block_out_channels": (64, 128, 256, 256), "attention_head_dim": (1, 2, 4, 4)}
+
+
+def build(args, device):
+    """The network under test and the condition it takes (None, or a random text context)."""
+    if args.backbone == "image_unet":
+        return ImageUNet.from_preset(args.preset, in_channels=args.channels).to(device), None
+    from backbones import DiffusersUNet
+
+    preset, overrides = (("sd21-base", SD21_REDUCED) if args.preset == "sd21-reduced" else (args.preset, {}))
+    net = DiffusersUNet.from_preset(preset, in_channels=args.channels, **overrides).to(device)
+    context = torch.randn(args.batch, 77, net.unet.config.cross_attention_dim, device=device)
+    return net, context
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="default")
+    p.add_argument("--backbone", choices=["image_unet", "diffusers_unet"], default="image_unet")
+    p.add_argument("--preset", default="default",
+                   help="image_unet: tiny|small|default; diffusers_unet: tiny|sd21-base|sd21-reduced")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
@@ -108,13 +130,14 @@ def main(argv=None) -> dict:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    net = ImageUNet.from_preset(args.preset, in_channels=args.channels).to(device)
+    net, cond = build(args, device)
     schedule = NoiseSchedule.scaled_linear(zero_terminal_snr=True)
     frozen = make_perceptual(net, dtype=DTYPES[args.frozen_dtype])
     frozen_literal = make_perceptual(net, dtype=DTYPES[args.frozen_dtype])
+    mid = frozen_literal.unet.mid_block if args.backbone == "diffusers_unet" else frozen_literal.mid["res2"]
     variants = {
         "mse": VelocityMSE(schedule),
-        "sp_algorithm1_literal": LiteralAlgorithm1(schedule, frozen_literal, frozen_literal.mid["res2"]),
+        "sp_algorithm1_literal": LiteralAlgorithm1(schedule, frozen_literal, mid),
         "sp_library": SelfPerceptual(schedule, frozen, layers="mid"),
     }
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
@@ -124,7 +147,7 @@ def main(argv=None) -> dict:
 
     def step(objective, saved=None):
         with amp, (saved.context() if saved else contextlib.nullcontext()):
-            loss = objective(net, x0).mean()
+            loss = objective(net, x0, cond).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -155,7 +178,7 @@ def main(argv=None) -> dict:
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads")
     result = {
-        "machine": machine, "torch": torch.__version__, "preset": args.preset,
+        "machine": machine, "torch": torch.__version__, "backbone": args.backbone, "preset": args.preset,
         "params": sum(p.numel() for p in net.parameters()), "batch": args.batch, "size": args.size,
         "autocast": args.autocast, "frozen_dtype": args.frozen_dtype, "repeats": args.repeats,
         "memory_kind": "peak CUDA allocated" if device.type == "cuda" else "saved for backward",
@@ -165,7 +188,7 @@ def main(argv=None) -> dict:
             for k, v in times.items()
         ],
     }
-    print(f"{machine} | torch {torch.__version__} | ImageUNet {args.preset} ({result['params'] / 1e6:.1f}M) | "
+    print(f"{machine} | torch {torch.__version__} | {type(net).__name__} {args.preset} ({result['params'] / 1e6:.1f}M) | "
           f"batch {args.batch} x {args.channels}x{args.size}x{args.size} | autocast {args.autocast} | "
           f"frozen {args.frozen_dtype} | median of {args.repeats}")
     print(f"| variant | step (ms) | x MSE | memory (MiB, {result['memory_kind']}) |")

@@ -29,3 +29,24 @@ def test_sp_step_benchmark_reports_all_variants(tmp_path, capsys):
     mem = {k: r["memory_mib"] for k, r in rows.items()}
     assert mem["mse"] < mem["sp_library"] < mem["sp_algorithm1_literal"]
     assert "| sp_library |" in capsys.readouterr().out
+
+
+def test_sp_step_benchmark_on_the_diffusers_unet(tmp_path):
+    pytest.importorskip("diffusers")
+    result = _load().main(["--backbone", "diffusers_unet", "--preset", "tiny", "--batch", "2", "--size", "8",
+                           "--channels", "4", "--warmup", "1", "--repeats", "1"])
+    assert result["backbone"] == "diffusers_unet"
+    mem = {r["variant"]: r["memory_mib"] for r in result["rows"]}
+    assert mem["mse"] < mem["sp_library"] < mem["sp_algorithm1_literal"]
+
+
+def test_sd21_reduced_keeps_the_sd21_layout():
+    pytest.importorskip("diffusers")
+    from backbones import DiffusersUNet
+
+    reduced = _load().SD21_REDUCED
+    cfg = DiffusersUNet.PRESETS["sd21-base"]
+    assert len(reduced["block_out_channels"]) == len(cfg["block_out_channels"])
+    # the same 64-channel heads as SD2.1-base, at a fifth of the width
+    assert [c // h for c, h in zip(reduced["block_out_channels"], reduced["attention_head_dim"])] == [64] * 4
+    assert [c // h for c, h in zip(cfg["block_out_channels"], cfg["attention_head_dim"])] == [64] * 4
