@@ -499,7 +499,8 @@ def build_config(args: argparse.Namespace) -> Config:
     work_dir = Path(args.work_dir or ROOT / "runs" / "reproduce" / label)
     results_dir = Path(args.results_dir or (work_dir / "results" if args.quick else ROOT / "benchmarks" / "results"))
     return Config(label=label, mse_steps=mse_steps, sp_steps=sp_steps, samples=samples, sizes=dict(scale.sizes),
-                  seeds=list(range(args.seeds or scale.seeds)), checkpoint_every=scale.checkpoint_every,
+                  seeds=args.seed_list or list(range(args.seeds or scale.seeds)),
+                  checkpoint_every=scale.checkpoint_every,
                   work_dir=work_dir, results_dir=results_dir, progress=args.progress)
 
 
@@ -507,6 +508,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny pipeline check (2 seeds, 30 + 15 steps, 40 samples)")
     p.add_argument("--seeds", type=int, default=0, help="training seeds 0..N-1 (default: 3, quick 2)")
+    p.add_argument("--seed-list", default="", help="comma-separated training seeds to run instead of 0..N-1 (e.g. "
+                                                   "one process per seed on a machine with more cores); render the "
+                                                   "tables afterwards with the plain command")
     p.add_argument("--samples", type=int, default=0, help="samples per row for every task")
     p.add_argument("--scale-steps", type=float, default=1.0, help="multiply every run's training steps")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS)
@@ -524,6 +528,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if bad:
             p.error(f"--{opt.replace('_', '-')}: unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}")
         setattr(args, opt, names)
+    try:
+        args.seed_list = [int(v) for v in args.seed_list.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--seed-list must be comma-separated integers, got {args.seed_list!r}")
+    if any(v < 0 for v in args.seed_list):
+        p.error("--seed-list seeds must be >= 0")
     if args.seeds < 0 or args.samples < 0 or args.scale_steps <= 0:
         p.error("--seeds and --samples must be >= 1 and --scale-steps > 0")
     if args.samples == 1:

@@ -168,3 +168,12 @@ def test_interrupted_training_resumes_from_its_latest_checkpoint(tmp_path, monke
     assert json.loads((mse_dir / "reproduce.json").read_text())["wall_s"] > wall  # wall time accumulates
     rows = [json.loads(line) for line in (results / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {r["variant"] for r in rows} == {"mse", "sp"}
+
+
+def test_seed_list_picks_the_training_seeds(tmp_path):
+    rp = _load()
+    cfg = rp.build_config(rp.parse_args(["--seed-list", "2,0", "--work-dir", str(tmp_path)]))
+    assert cfg.seeds == [2, 0] and cfg.label == "full"
+    assert rp.build_config(rp.parse_args(["--seeds", "2", "--work-dir", str(tmp_path)])).seeds == [0, 1]
+    with pytest.raises(SystemExit):
+        rp.parse_args(["--seed-list", "1,x"])
