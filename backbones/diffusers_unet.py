@@ -138,6 +138,7 @@ class DiffusersUNet(TappedDenoiser):
                 "labels; use num_classes=None"
             )
         self.unet = unet
+        self._checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         dim = cfg.cross_attention_dim
@@ -159,6 +160,14 @@ class DiffusersUNet(TappedDenoiser):
             red //= 2 if block.upsamplers is not None else 1
             info[f"up.{j}"] = {"channels": chans[::-1][j], "reduction": red}
         self.feature_info = info
+
+    def train(self, mode: bool = True) -> DiffusersUNet:
+        """diffusers recomputes checkpointed blocks whenever grad is enabled, also in eval mode;
+        a frozen perceptual copy (eval) takes gradients to its input only, so it runs without."""
+        super().train(mode)
+        if getattr(self, "_checkpointing", False):
+            (self.unet.enable_gradient_checkpointing if mode else self.unet.disable_gradient_checkpointing)()
+        return self
 
     # ------------------------------------------------------------------ constructors
     @classmethod

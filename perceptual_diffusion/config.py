@@ -454,6 +454,11 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     if r.model.latent and (MODALITY[d.name] != "image" or d.channels != 3):
         raise RecipeError(f"model.latent needs RGB images (data.channels = 3 from an image dataset), got "
                           f"data.name = {d.name!r}, data.channels = {d.channels}")
+    if bool(r.model.latent) != (r.model.backbone == "diffusers_unet"):
+        raise RecipeError("model.backbone = 'diffusers_unet' trains in a VAE latent space on captions and needs "
+                          "model.latent (a diffusers model dir with vae/, text_encoder/, tokenizer/); other "
+                          f"backbones work in pixel space (got model.backbone = {r.model.backbone!r}, "
+                          f"model.latent = {r.model.latent!r})")
     if r.model.pretrained and r.model.backbone != "diffusers_unet":
         raise RecipeError(f"model.pretrained loads diffusers UNets only (model.backbone = 'diffusers_unet'), "
                           f"got model.backbone = {r.model.backbone!r}")

@@ -104,8 +104,12 @@ def build_model(recipe: Recipe, pretrained_weights: bool = True) -> torch.nn.Mod
             return cls.from_pretrained(m.pretrained, **overrides)
         from diffusers import UNet2DConditionModel
 
-        return cls.from_config(UNet2DConditionModel.load_config(m.pretrained, subfolder="unet"), **overrides)
-    except (TypeError, ValueError) as e:  # an unknown preset or config field comes from the recipe
+        # the architecture only: config.json with the recipe's config-field overrides on top
+        adapter = {k: overrides.pop(k) for k in ("in_channels", "num_classes", "gradient_checkpointing")
+                   if k in overrides}
+        config = {**UNet2DConditionModel.load_config(m.pretrained, subfolder="unet"), **overrides}
+        return cls.from_config(config, **adapter)
+    except (TypeError, ValueError, NotImplementedError) as e:  # unknown preset / field, unsupported UNet
         raise RecipeError(f"model: {e}") from e
     except OSError as e:  # diffusers: no such directory / hub id
         raise RecipeError(f"model.pretrained {m.pretrained!r}: {' '.join(str(e).split())}") from e
@@ -115,10 +119,16 @@ def build_latent(recipe: Recipe, device: torch.device | str = "cpu"):
     """The frozen VAE + text encoder + tokenizer of `model.latent` (None for pixel-space recipes)."""
     if not recipe.model.latent:
         return None
-    from .latent import LatentPipeline
-
     try:
-        return LatentPipeline.from_pretrained(recipe.model.latent).to(device)
+        from .latent import LatentPipeline
+    except ImportError as e:
+        raise RecipeError(f"model.latent needs the sd extra: {e}") from e
+    # the frozen VAE and text encoder in the mixed-precision dtype (they take no gradients)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision)
+    if torch.device(device).type == "cpu":
+        dtype = None
+    try:
+        return LatentPipeline.from_pretrained(recipe.model.latent, dtype=dtype).to(device)
     except OSError as e:
         raise RecipeError(f"model.latent {recipe.model.latent!r}: {' '.join(str(e).split())}") from e
 
@@ -201,7 +211,7 @@ class Trainer:
         self.schedule = build_schedule(recipe)
         try:
             self.dataset = build_dataset(recipe.data)
-        except (ValueError, RuntimeError, ImportError) as e:  # empty folder, missing decoder or extra
+        except (ValueError, RuntimeError, ImportError, OSError) as e:  # empty folder, missing decoder, bad shard
             raise RecipeError(f"data ({recipe.data.name}): {e}") from e
         self.num_classes = num_classes(recipe.data)
         self.resume_from = resolve_checkpoint(resume, self.run_dir) if resume else None
@@ -214,6 +224,7 @@ class Trainer:
         stages = recipe.train.stages
         self.offsets = {s: sum(self._stage_cfg(p).steps for p in stages[: stages.index(s)]) for s in stages}
         self.latent = build_latent(recipe, self.device)  # None in pixel space
+        self._null_context = None if self.latent is None else self.latent.null_context()  # [1 x L x D]
         if self.latent is not None and "caption" not in self.dataset[0]:
             raise RecipeError(f"model.latent trains on captions, but {recipe.data.name} items have none (an "
                               "image_folder needs captions.jsonl; set data.empty_captions = true for section 5.7)")
@@ -500,11 +511,15 @@ class Trainer:
                            checkpoint=str(path), **counters)
 
     def _condition(self, batch: dict, dropout: float, gen: torch.Generator) -> torch.Tensor | None:
-        if self.latent is not None:  # captions -> text contexts; dropped ones -> the empty prompt
-            context = self.latent.encode_prompts(batch["caption"])
+        if self.latent is not None:  # captions -> text contexts; dropped and empty ones -> the empty prompt
+            captions = batch["caption"]
+            keep = torch.tensor([c != "" for c in captions], device=self.device)
             if dropout > 0:
-                drop = torch.rand(context.shape[0], device=self.device, generator=gen) < dropout
-                context = torch.where(drop[:, None, None], self.latent.null_context(), context)
+                keep &= torch.rand(len(captions), device=self.device, generator=gen) >= dropout
+            context = self._null_context.expand(len(captions), -1, -1).clone()
+            if keep.any():  # the text encoder runs on the kept captions only
+                kept = [c for c, k in zip(captions, keep.tolist()) if k]
+                context[keep] = self.latent.encode_prompts(kept).to(context.dtype)
             return context
         labels = batch.get("label")
         if labels is None or self.num_classes is None:

@@ -63,8 +63,18 @@ def test_the_image_recipes_ship():
     assert {"recipes/image/circles.toml", "recipes/image/digits.toml", "recipes/image/digits_uncond.toml"} <= names
 
 
+@pytest.fixture
+def stage1_runs(tmp_path, monkeypatch):
+    """The stage-1 runs the stage-2 recipes name in sp.init (relative to the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    for path in SHIPPED:
+        init = tomllib.loads(path.read_text(encoding="utf-8")).get("sp", {}).get("init")
+        if init:
+            Path(init).mkdir(parents=True, exist_ok=True)
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
-def test_shipped_recipe_loads_with_the_values_it_states(path):
+def test_shipped_recipe_loads_with_the_values_it_states(path, stage1_runs):
     r = load_recipe(path)
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
     subset_equal(raw, recipe_to_dict(r))
@@ -426,7 +436,7 @@ RICH = [
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 @pytest.mark.parametrize("source", [*SHIPPED, "rich"], ids=lambda p: getattr(p, "stem", p))
-def test_save_then_load_round_trips(tmp_path, suffix, source):
+def test_save_then_load_round_trips(tmp_path, suffix, source, stage1_runs):
     r = load_recipe(CIRCLES, RICH) if source == "rich" else load_recipe(source)
     path = save_recipe(r, tmp_path / f"resolved{suffix}")
     assert path == tmp_path / f"resolved{suffix}"

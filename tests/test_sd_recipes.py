@@ -142,3 +142,29 @@ def test_sd_recipe_errors(sd_world, tmp_path):
     with pytest.raises(RecipeError, match="model.pretrained"):
         Trainer(load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", missing), tmp_path / "m", progress=False).run()
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+
+
+def test_latent_and_diffusers_unet_go_together(sd_world):
+    model_dir, shards = sd_world
+    with pytest.raises(RecipeError, match="needs model.latent"):
+        load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", _overrides(model_dir, shards) + ["model.latent=''"])
+    with pytest.raises(RecipeError, match="other backbones work in pixel space"):
+        load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", _overrides(model_dir, shards)
+                    + ["model.backbone='image_unet'", "model.preset='tiny'", "model.pretrained=''"])
+
+
+def test_architecture_from_config_takes_the_recipes_config_overrides(sd_world):
+    from perceptual_diffusion.trainer import build_model
+
+    model_dir, shards = sd_world
+    r = load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", _overrides(model_dir, shards)
+                    + ["model.overrides={upcast_attention=true, gradient_checkpointing=true}"])
+    fresh, arch = build_model(r), build_model(r, pretrained_weights=False)
+    assert fresh.unet.config.upcast_attention and arch.unet.config.upcast_attention
+    assert fresh.state_dict().keys() == arch.state_dict().keys()
+    # activation checkpointing in training only: a frozen (eval) copy never recomputes blocks
+    assert arch.unet.is_gradient_checkpointing
+    arch.eval()
+    assert not arch.unet.is_gradient_checkpointing
+    arch.train()
+    assert arch.unet.is_gradient_checkpointing

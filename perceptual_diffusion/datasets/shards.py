@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 INDEX_SUFFIX = ".idx.json"
 _INDEX_VERSION = 1
-# Metadata fields, first match wins: img2dataset writes width/height (of the stored image) and
-# original_width/original_height; LAION's parquet columns, copied into the JSON, are upper case.
-_SIZE_FIELDS = (("width", "height"), ("original_width", "original_height"), ("WIDTH", "HEIGHT"))
+# Metadata fields, first match wins. The filter is on the source resolution (the paper's > 512 px):
+# img2dataset writes original_width/original_height (the source) and width/height (the stored,
+# possibly resized image); LAION's parquet columns, copied into the JSON, are upper case.
+_SIZE_FIELDS = (("original_width", "original_height"), ("WIDTH", "HEIGHT"), ("width", "height"))
 _AESTHETIC_FIELDS = ("aesthetic", "AESTHETIC_SCORE")
 _MAX_OPEN = 32          # open shard files per process (LRU): stays far below the fd limit
 _INDEX_THREADS = 8      # shards indexed at once: hides the latency of network filesystems
