@@ -118,8 +118,8 @@ TASKS = {
                            ("frame_disk_fraction", "frames with one disk ↑"), ("param_fd", "param FD ↓")),
                           "video"),
     "tones": Task("tones", "recipes/audio/tones_uncond.toml", False, ("tones",),
-                  (("valid_fraction", "valid ↑"), ("pitch_error_cents", "pitch error (cents) ↓"),
-                   ("pitch_tv", "pitch TV ↓")), "audio"),
+                  (("valid_fraction", "valid ↑"), ("peak_concentration", "peak energy fraction ↑"),
+                   ("pitch_error_cents", "pitch error (cents) ↓"), ("pitch_tv", "pitch TV ↓")), "audio"),
 }
 IMAGE_TASKS = [t for t in TASKS if TASKS[t].modality == "image"]
 

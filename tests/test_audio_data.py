@@ -294,6 +294,7 @@ def test_true_tones_score_valid_with_small_error_and_matching_labels():
     assert m["label_accuracy"] >= 0.98
     assert m["pitch_tv"] < 0.15  # sampling noise of 256 draws from 8 notes
     assert m["param_fd"] < 0.05
+    assert m["peak_concentration"] > 0.95
     wrong = tones_metrics(render_tones(p), SR, labels=(p.pitch_index + 1) % 8)
     assert wrong["label_accuracy"] == 0.0
 
@@ -325,6 +326,8 @@ def test_non_tones_fail(case):
     assert m["valid_fraction"] == 0.0 and m["num_valid"] == 0
     assert m["pitch_tv"] == 1.0 and m["param_fd"] == math.inf
     a = analyse_tones(x[:, None], SR)
+    if case == "noise":
+        assert m["peak_concentration"] < 0.1  # white noise: ~5 of 1025 bins
     if case == "quarter_tone":  # one clean peak, in the wrong place
         assert a.dominant.all() and np.allclose(np.abs(a.cents), 50, atol=1)
         assert m["pitch_error_cents"] == pytest.approx(50, abs=1)

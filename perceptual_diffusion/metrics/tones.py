@@ -170,6 +170,9 @@ def tones_metrics(samples: Tensor, sample_rate: int = 8000, labels: Tensor | Non
       histogram of the valid clips and the reference's (1 when no clip is valid).
     - "param_fd": Frechet distance between Gaussians fitted to (pitch index, log peak |x|) of
       the valid clips and of the reference (inf when no clip is valid).
+    - "peak_concentration": the mean over all clips of the energy fraction within +-PEAK_BINS of
+      the strongest bin (about 1 for a pure tone, a few hundredths for noise): partial credit
+      on the way to one dominant peak, informative while valid_fraction is 0.
     - "label_accuracy" (when `labels` (N,) are given): fraction of all clips that are valid
       and play the note PITCHES[label].
 
@@ -193,7 +196,8 @@ def tones_metrics(samples: Tensor, sample_rate: int = 8000, labels: Tensor | Non
     out = {"valid_fraction": num_valid / n if n else 0.0, "num_valid": num_valid,
            "pitch_error_cents": float(np.abs(a.cents[a.dominant]).mean()) if a.dominant.any()
            else math.inf,
-           "pitch_tv": pitch_tv, "param_fd": param_fd}
+           "pitch_tv": pitch_tv, "param_fd": param_fd,
+           "peak_concentration": float(a.concentration.mean()) if n else 0.0}
     if labels is not None:
         labels_np = torch.as_tensor(labels).detach().cpu().numpy().reshape(-1)
         if labels_np.shape[0] != n:
