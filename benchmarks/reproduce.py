@@ -1,6 +1,7 @@
 """Small-scale reproduction of the paper's Tables 1-8 and Figures 3-5 on data that ships.
 
-    python benchmarks/reproduce.py                 # full scale: ~2 h on 2 CPU cores
+    python benchmarks/reproduce.py                 # full scale: ~2.7 h on 2 CPU cores
+    python benchmarks/reproduce.py --scale-steps 0.5   # the committed tables: half the steps, ~1.5 h
     python benchmarks/reproduce.py --quick         # pipeline check: all tables, tiny, ~5 min
     python benchmarks/reproduce.py --seeds 5 --samples 1000 --scale-steps 2 --tasks digits
 
@@ -29,24 +30,23 @@ Resumable: runs live under ``--work-dir`` (default runs/reproduce/<scale>); a ru
 checkpoint is not retrained, an interrupted one resumes from its latest checkpoint, and a row
 already in rows.jsonl (same key, same checkpoint) is not re-evaluated.
 
-Budget of the full scale (2000 MSE + 400 SP steps per run, batch 16, 16x16, 500 samples per
-row, 3 seeds), from calibration runs of this script on 2 CPU cores (AMD EPYC, torch 2.13 CPU,
-tiny ImageUNet 0.51M parameters; other jobs shared the cores part of the time):
-  measured  trainer step at 16x16: MSE 0.11 s; SP 0.14-0.18 s (decoder taps ~0.20 s: the frozen
-            net runs to its last layer); one row: 25 steps x 500 samples 16-20 s (1.3-1.6 ms per
-            image and network call, metric included), 50 steps or CFG at 25 steps 31-40 s
-            (32x32 costs ~4x per step and per sample, 6-7.6 ms per image call)
-  digits        train 2000 x 0.11 + 9 SP runs x 400 x 0.17              =  832 s
-                rows 10 at 25 NFE x 16 s + 8 at 50 NFE x 35 s           =  440 s
-  digits_uncond train 2000 x 0.11 + 400 x 0.17                          =  288 s
-                rows 2 x 16 + 2 x 33                                    =   98 s
-  circles       the same as digits_uncond (measured 279 s + 109 s)      =  388 s
-  per seed 832 + 440 + 288 + 98 + 388 = 2046 s; 3 seeds 6138 s = 102 min, plus model loading
-  and figures (~1 min) and slack for shared cores: about 1.75-2 h.
-The digits are 8x8 images upsampled, so 16x16 loses nothing. Circles at 16x16: the disk detector
-passes 99% of real disks there (all at 32x32), so the circles rows compare models with each
-other. At 32x32 a circles seed would cost ~1500 s instead of 388 (MSE step ~0.43 s, rows ~4x),
-~55 min more over 3 seeds (~2.7 h in all), so circles stay at 16x16 in the 2-hour budget.
+Tasks "moving_shapes" (video, unconditional, VideoUNet) and "tones" (audio, unconditional,
+AudioDiT) get one table each: MSE vs SP at 25 steps (the modality rows of the issue).
+
+Budget of the full scale (per run: images 2000 MSE + 400 SP steps at batch 16 and 16x16 and 300
+samples per row; video 1000 + 300 steps, 100 samples; audio 2000 + 500 steps, 200 samples; 3
+seeds), from runs of this script on 2 CPU cores (AMD EPYC, torch 2.13 CPU, tiny presets):
+  image step at 16x16, one torch thread: MSE 0.15-0.2 s, SP 0.25-0.3 s; 2 threads MSE 0.11 s
+  one image row: 300 samples x 25 steps 30-40 s, 50 steps or CFG 55-75 s (one thread)
+  video step (8 frames of 16x16, batch 8): MSE ~0.55 s, SP ~0.8 s; a row of 100 clips ~85 s
+  audio step (2048 samples, batch 16): MSE ~0.38 s, SP ~0.5 s; a row of 200 clips ~20 s
+  per seed, one thread: digits 2000 x 0.18 + 9 x 400 x 0.28 + 18 rows ~ 2400 s; circles and
+  digits_uncond ~800 s each; video ~1400 s; audio ~1100 s: ~6500 s, 3 seeds ~5.4 h on one
+  core, ~2.7 h on two (one process per seed with --seed-list).
+The tables in benchmarks/results/ were made with `--scale-steps 0.5` (half the training steps,
+the same samples) to fit one working session: about 1.5 h on the 2 cores. The digits are 8x8
+images upsampled, so 16x16 loses nothing. Circles at 16x16: the disk detector passes 99% of
+real disks there (all at 32x32), so the circles rows compare models with each other.
 """
 
 from __future__ import annotations
