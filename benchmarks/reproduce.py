@@ -1,7 +1,6 @@
 """Small-scale reproduction of the paper's Tables 1-8 and Figures 3-5 on data that ships.
 
-    python benchmarks/reproduce.py                 # full scale: ~2.7 h on 2 CPU cores
-    python benchmarks/reproduce.py --scale-steps 0.5   # the committed tables: half the steps, ~1.5 h
+    python benchmarks/reproduce.py                 # full scale (the committed tables): ~1.7 h on 2 CPU cores
     python benchmarks/reproduce.py --quick         # pipeline check: all tables, tiny, ~5 min
     python benchmarks/reproduce.py --seeds 5 --samples 1000 --scale-steps 2 --tasks digits
 
@@ -33,20 +32,22 @@ already in rows.jsonl (same key, same checkpoint) is not re-evaluated.
 Tasks "moving_shapes" (video, unconditional, VideoUNet) and "tones" (audio, unconditional,
 AudioDiT) get one table each: MSE vs SP at 25 steps (the modality rows of the issue).
 
-Budget of the full scale (per run: images 2000 MSE + 400 SP steps at batch 16 and 16x16 and 300
-samples per row; video 1000 + 300 steps, 100 samples; audio 2000 + 500 steps, 200 samples; 3
-seeds), from runs of this script on 2 CPU cores (AMD EPYC, torch 2.13 CPU, tiny presets):
-  image step at 16x16, one torch thread: MSE 0.15-0.2 s, SP 0.25-0.3 s; 2 threads MSE 0.11 s
-  one image row: 300 samples x 25 steps 30-40 s, 50 steps or CFG 55-75 s (one thread)
-  video step (8 frames of 16x16, batch 8): MSE ~0.55 s, SP ~0.8 s; a row of 100 clips ~85 s
+Budget of the full scale (per run: images 1000 MSE + 200 SP steps at batch 16 and 16x16, 300
+samples per row; video 500 + 150 steps, 100 clips per row; audio 1000 + 250 steps, 200 clips per
+row; 3 seeds), measured on 2 CPU cores (AMD EPYC, torch 2.13 CPU, tiny presets, one torch thread
+per process, two to three processes sharing the cores):
+  image step at 16x16: MSE 0.2 s, SP 0.3 s; a row of 300 samples: 25 steps 30-40 s, 50 steps or
+  CFG 55-75 s
+  video step (8 frames of 16x16, batch 8): MSE ~0.55 s, SP ~0.8 s; a row of 100 clips ~80 s
   audio step (2048 samples, batch 16): MSE ~0.38 s, SP ~0.5 s; a row of 200 clips ~20 s
-  per seed, one thread: digits 2000 x 0.18 + 9 x 400 x 0.28 + 18 rows ~ 2400 s; circles and
-  digits_uncond ~800 s each; video ~1400 s; audio ~1100 s: ~6500 s, 3 seeds ~5.4 h on one
-  core, ~2.7 h on two (one process per seed with --seed-list).
-The tables in benchmarks/results/ were made with `--scale-steps 0.5` (half the training steps,
-the same samples) to fit one working session: about 1.5 h on the 2 cores. The digits are 8x8
-images upsampled, so 16x16 loses nothing. Circles at 16x16: the disk detector passes 99% of
-real disks there (all at 32x32), so the circles rows compare models with each other.
+  per seed: digits ~1600 s (1000 MSE steps, 9 SP runs, 18 rows), circles and digits_uncond
+  ~450 s each, video ~700 s, audio ~550 s
+This is what benchmarks/results/ holds: the image tasks in two processes (`--seed-list 0,1`
+and `--seed-list 2`) and the video and audio tasks in a third, about 1.7 h of wall time, then
+the plain command to render the tables and figures. `--scale-steps 2` doubles every run
+(2000 + 400 image steps). The digits are 8x8 images upsampled, so 16x16 loses nothing. Circles
+at 16x16: the disk detector passes 99% of real disks there (all at 32x32), so the circles rows
+compare models with each other.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def _per_task(image: int, video: int, audio: int) -> dict[str, int]:
 
 
 SCALES = {
-    "full": Scale(mse_steps=_per_task(2000, 1000, 2000), sp_steps=_per_task(400, 300, 500),
+    "full": Scale(mse_steps=_per_task(1000, 500, 1000), sp_steps=_per_task(200, 150, 250),
                   samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=3, checkpoint_every=250),
     "quick": Scale(mse_steps=_per_task(30, 30, 30), sp_steps=_per_task(15, 15, 15),
                    samples=_per_task(40, 24, 24), sizes=_per_task(16, 16, 16), seeds=2, checkpoint_every=0),
