@@ -466,8 +466,8 @@ def figures(cfg: Config, task: str, seed: int, n: int = 10, n_traj: int = 3, col
     if kind != "image":  # MSE clips then SP clips from the same noise; no trajectory figure
         n = 4
         both = torch.cat([generate(m, n, 25, seed=SAMPLE_SEED).samples for m in (mse, sp)])
-        return save_samples(both, out / f"{task}_samples.png", kind, scale=3 if kind == "video" else 1,
-                            sample_rate=mse.recipe.data.sample_rate)
+        return save_samples(both, out / f"{task}_samples.png", kind, nrow=n, scale=3 if kind == "video" else 2,
+                            sample_rate=mse.recipe.data.sample_rate)  # audio: a row of MSE, a row of SP
     rows = [generate(mse, n, 25, seed=SAMPLE_SEED).samples, generate(sp, n, 25, seed=SAMPLE_SEED).samples]
     if TASKS[task].conditional:
         rows.append(generate(mse, n, 25, *CFG_MSE, seed=SAMPLE_SEED).samples)
