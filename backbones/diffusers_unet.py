@@ -361,7 +361,7 @@ def _check_supported(unet: UNet2DConditionModel) -> None:
 
 # ---------------------------------------------------------------------- export
 
-_BETA_SCHEDULES = {
+DIFFUSERS_BETA_SCHEDULES = {
     "linear": "linear",
     "scaled_linear": "scaled_linear",
     # diffusers' betas_for_alpha_bar(T) is NoiseSchedule.cosine's formula with the same s = 0.008
@@ -391,14 +391,14 @@ def ddim_scheduler_config(schedule: Any, *, set_alpha_to_one: bool = True) -> di
     if missing:
         raise ValueError(f"schedule config lacks field(s) {', '.join(missing)}")
     kind = fields["kind"]
-    if kind not in _BETA_SCHEDULES:
-        raise ValueError(f"schedule kind {kind!r} has no diffusers equivalent; choose one of {', '.join(_BETA_SCHEDULES)}")
+    if kind not in DIFFUSERS_BETA_SCHEDULES:
+        raise ValueError(f"schedule kind {kind!r} has no diffusers equivalent; choose one of {', '.join(DIFFUSERS_BETA_SCHEDULES)}")
     T = fields["num_timesteps"]
     if isinstance(T, bool) or not isinstance(T, int) or T < 2:
         raise ValueError(f"schedule num_timesteps must be an int >= 2, got {T!r}")
     return {
         "num_train_timesteps": T,
-        "beta_schedule": _BETA_SCHEDULES[kind],
+        "beta_schedule": DIFFUSERS_BETA_SCHEDULES[kind],
         "beta_start": float(fields["beta_start"]),
         "beta_end": float(fields["beta_end"]),
         "rescale_betas_zero_snr": bool(fields["zero_terminal_snr"]),

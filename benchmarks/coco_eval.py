@@ -57,7 +57,9 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from backbones.diffusers_unet import DIFFUSERS_BETA_SCHEDULES
 from perceptual_diffusion.fileio import atomic_write
+from perceptual_diffusion.images import to_uint8
 from perceptual_diffusion.schedule import NoiseSchedule
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ INCEPTION_SIZE = 299
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Generation settings pinned in out/generation.json, with their defaults.
 DEFAULTS: dict[str, Any] = {"n": 10_000, "steps": 25, "guidance": 1.0, "rescale": 0.0, "size": 512, "seed": 0}
-_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+_BETAS = {theirs: ours for ours, theirs in DIFFUSERS_BETA_SCHEDULES.items()}  # diffusers name -> ours
 _SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -282,7 +284,7 @@ def generate(args: argparse.Namespace, captions: list[Caption], indices: list[in
         z0 = ddim_sample(sd.net, sd.schedule, noise, cond=context, steps=args.steps, spacing="trailing", eta=0.0,
                          guidance_scale=args.guidance, uncond=null.expand(len(batch), -1, -1) if guided else None,
                          guidance_rescale=args.rescale if guided else 0.0)
-        pixels = ((sd.latents.decode(z0) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pixels = to_uint8(sd.latents.decode(z0))
         for i, p in zip(batch, pixels):
             _save_png(p, image_path(out, i))
     return len(todo)
@@ -335,7 +337,7 @@ def reference_paths(images: Path, captions: list[Caption]) -> list[Path]:
 def compute_metrics(args: argparse.Namespace, captions: list[Caption], net: torch.nn.Module,
                     device: torch.device) -> dict[str, float]:
     """FID of out/images against the real images of the same ids, and IS, from one Inception pass."""
-    from perceptual_diffusion.metrics.fid import RunningStats, cached_statistics, frechet_distance, inception_score
+    from perceptual_diffusion.metrics.fid import cached_statistics, fid_and_inception_score
 
     out = Path(args.out)
     net = net.to(device)
@@ -344,14 +346,8 @@ def compute_metrics(args: argparse.Namespace, captions: list[Caption], net: torc
     key = f"coco-fid-pool3|ids={ids}|n={len(captions)}|centre-crop+bilinear-{INCEPTION_SIZE}|inception={_fingerprint(net)}"
     ref = cached_statistics(out / "fid_reference.safetensors", key,
                             lambda: _batches(real, args.inception_batch_size, args.workers), net)
-    stats, probs = RunningStats(net.dim, key="generated"), []
-    with torch.inference_mode():
-        for x in _batches([image_path(out, c.index) for c in captions], args.inception_batch_size, args.workers):
-            feats = net.features(x)
-            stats.update(feats)
-            probs.append((feats.float() @ net.fc.weight.float().T).softmax(-1).cpu())  # unbiased logits, as evaluate
-    is_mean, is_std = inception_score(torch.cat(probs), splits=10 if len(captions) >= 100 else 1)
-    return {"fid": frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov), "is": is_mean, "is_std": is_std}
+    generated = _batches([image_path(out, c.index) for c in captions], args.inception_batch_size, args.workers)
+    return fid_and_inception_score(net, generated, ref, key="generated")
 
 
 def table_row(label: str, guidance: float, rescale: float, steps: int, nfe: int, fid: float, is_: float) -> str:

@@ -136,7 +136,7 @@ def _tones(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
 def _inception(loaded: LoadedModel, gen: Generated, inception_net: torch.nn.Module,
                cache_dir: str | None = None, **_: Any) -> dict[str, float]:
     """FID against the recipe's data and IS, with the standard FID Inception network."""
-    from .metrics.fid import RunningStats, cached_statistics, frechet_distance, inception_score
+    from .metrics.fid import cached_statistics, fid_and_inception_score
 
     net = inception_net
     r = loaded.recipe
@@ -150,14 +150,7 @@ def _inception(loaded: LoadedModel, gen: Generated, inception_net: torch.nn.Modu
         return ref_images.split(64)
 
     ref = cached_statistics(cache, key, ref_batches, net)
-    stats, probs = RunningStats(net.dim, key="samples"), []
-    with torch.no_grad():  # one Inception pass per batch gives both the FID features and the IS logits
-        for batch in gen.samples.split(64):
-            feats = net.features(batch)
-            stats.update(feats)
-            probs.append((feats @ net.fc.weight.T).softmax(-1))  # IS uses the unbiased 1008-way logits
-    is_mean, is_std = inception_score(torch.cat(probs), splits=10 if gen.samples.shape[0] >= 100 else 1)
-    return {"fid": frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov), "is": is_mean, "is_std": is_std}
+    return fid_and_inception_score(net, gen.samples.split(64), ref)
 
 
 METRICS: dict[str, Callable[..., dict[str, float]]] = {

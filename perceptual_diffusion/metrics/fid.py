@@ -27,6 +27,7 @@ from ..fileio import atomic_write
 
 __all__ = [
     "sample_frechet_distance",
+    "fid_and_inception_score",
     "FeatureNetwork",
     "RunningStats",
     "frechet_distance",
@@ -258,4 +259,21 @@ def sample_frechet_distance(generated: np.ndarray, reference: np.ndarray) -> flo
     mu_g, cov_g = gaussian(np.asarray(generated, dtype=np.float64))
     mu_r, cov_r = gaussian(np.asarray(reference, dtype=np.float64))
     return float(frechet_distance(mu_g, cov_g, mu_r, cov_r))
+
+
+def fid_and_inception_score(net: torch.nn.Module, batches: Iterable[Tensor], reference: RunningStats,
+                            key: str = "samples") -> dict[str, float]:
+    """FID against `reference` and IS of the images in `batches`, from one pass of the FID
+    Inception network `net` (pool3 features for FID; the unbiased 1008-way logits of its fc
+    layer, as torch-fidelity, for IS: 10 splits from 100 images up, else 1)."""
+    stats, probs = RunningStats(net.dim, key=key), []
+    with torch.inference_mode():
+        for batch in batches:
+            feats = net.features(batch)
+            stats.update(feats)
+            probs.append((feats.float() @ net.fc.weight.float().T).softmax(-1).cpu())
+    probs = torch.cat(probs)
+    is_mean, is_std = inception_score(probs, splits=10 if probs.shape[0] >= 100 else 1)
+    return {"fid": frechet_distance(stats.mean, stats.cov, reference.mean, reference.cov), "is": is_mean,
+            "is_std": is_std}
 
