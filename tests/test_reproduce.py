@@ -70,7 +70,7 @@ def _checkpoints(work: Path) -> list[str]:
 def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
     rp = _load()
     work, results = tmp_path / "work", tmp_path / "results"
-    args = ["--quick", "--work-dir", str(work), "--results-dir", str(results)]
+    args = ["--quick", "--work-dir", str(work), "--results-dir", str(results), "--tasks", ",".join(rp.IMAGE_TASKS)]
     t0 = time.time()
     assert rp.main(args) == 0
     first = time.time() - t0
@@ -84,7 +84,7 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
         assert r["train_steps"]["mse"] == 30 and all(v == 15 for k, v in r["train_steps"].items() if k != "mse")
         assert all(w > 0 for w in r["train_wall_s"].values())
         by_unit.setdefault((r["task"], r["variant"], r["steps"], r["guidance"], r["rescale"]), set()).add(r["seed"])
-    tables = rp.plan_tables(list(rp.TASKS), ["digits"])
+    tables = rp.plan_tables(rp.IMAGE_TASKS, ["digits"])
     wanted = {(u.task, u.model, u.steps, u.guidance, u.rescale) for t in tables for _, u in t.rows}
     assert set(by_unit) == wanted and all(seeds == {0, 1} for seeds in by_unit.values())
     assert len(rows) == 2 * len(wanted) == 2 * (4 + 18 + 4)
@@ -105,7 +105,7 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
     for sec in sections:
         body = [line for line in sec.splitlines() if line.startswith("| ") and "---" not in line][1:]
         assert body and all(re.search(r"\d ± \d", line) for line in body), sec
-    for task in rp.TASKS:
+    for task in rp.IMAGE_TASKS:
         for kind in ("samples", "trajectory"):
             img = Image.open(results / "figures" / f"{task}_{kind}.png")
             assert img.width > 100 and img.height > 30
@@ -177,3 +177,29 @@ def test_seed_list_picks_the_training_seeds(tmp_path):
     assert rp.build_config(rp.parse_args(["--seeds", "2", "--work-dir", str(tmp_path)])).seeds == [0, 1]
     with pytest.raises(SystemExit):
         rp.parse_args(["--seed-list", "1,x"])
+
+
+@pytest.mark.slow
+def test_quick_reproduction_of_the_video_and_audio_rows(tmp_path):
+    rp = _load()
+    results = tmp_path / "results"
+    args = ["--quick", "--work-dir", str(tmp_path / "work"), "--results-dir", str(results),
+            "--tasks", "moving_shapes,tones", "--ablation-tasks", ""]
+    assert rp.main(args) == 0
+    rows = [json.loads(line) for line in (results / "rows.jsonl").read_text().splitlines()]
+    assert sorted((r["task"], r["variant"], r["seed"]) for r in rows) == sorted(
+        (t, v, s) for t in ("moving_shapes", "tones") for v in ("mse", "sp") for s in (0, 1))
+    for r in rows:
+        assert r["steps"] == 25 and r["eval"]["n"] == 24
+        assert {k for k, _ in rp.TASKS[r["task"]].columns} <= r["eval"].keys()
+    text = (results / "tables.md").read_text()
+    assert "## Modalities (moving_shapes, video)" in text and "## Modalities (tones, audio)" in text
+    assert "8 frames of 16x16" in text and "2048 samples at 8000 Hz" in text
+    figures = results / "figures"
+    with Image.open(figures / "moving_shapes_samples.gif") as gif:
+        assert gif.n_frames == 8
+    # 4 MSE clips then 4 SP clips as rows, 8 frames as columns, 16 px at scale 3 and 1 px lines
+    assert Image.open(figures / "moving_shapes_samples.png").size == (8 * 49 + 1, 8 * 49 + 1)
+    assert (figures / "tones_samples.wav").stat().st_size > 8 * 2048 * 2  # 8 clips of 16-bit samples
+    assert Image.open(figures / "tones_samples.png").mode == "RGB"
+
