@@ -16,6 +16,7 @@ Error messages name the concrete class (``type(self).__name__``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -24,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from perceptual_diffusion.denoiser import TappedDenoiser
 
-from .layers import timestep_embedding
+from .layers import ATTENTION_BACKENDS, timestep_embedding
 
 __all__ = ["Backbone", "apply_overrides", "unet_feature_info"]
 
@@ -151,3 +152,56 @@ def unet_feature_info(channels: list[int]) -> dict[str, dict[str, int]]:
             for j in range(levels)
         },
     }
+
+
+def validate_unet_config(cfg: Any, extra_attending: Iterable[int] = ()) -> None:
+    """The checks ImageUNetConfig and VideoUNetConfig share, ValueError naming the config class:
+    positive sizes, channel_mult, attention_levels, dropout, heads, the condition, the attention
+    backend, and that every level divides by `groups` and every attending level (attention_levels,
+    `extra_attending`, and the last level, where the midblock attends) by the head split."""
+    owner = type(cfg).__name__
+
+    def positive(name: str, value: Any, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+
+    for name in ("in_channels", "base_channels", "num_res_blocks", "groups"):
+        positive(name, getattr(cfg, name))
+    for name in ("out_channels", "head_dim", "num_heads", "num_classes", "context_dim"):
+        positive(name, getattr(cfg, name), allow_none=True)
+    if not cfg.channel_mult:
+        raise ValueError(f"{owner}.channel_mult must name at least one level")
+    for m in cfg.channel_mult:
+        positive("channel_mult entries", m)
+    levels = len(cfg.channel_mult)
+    check_levels(owner, "attention_levels", cfg.attention_levels, levels)
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"{owner}.dropout must be in [0, 1), got {cfg.dropout!r}")
+    if (cfg.head_dim is None) == (cfg.num_heads is None):
+        raise ValueError(f"{owner}: give exactly one of head_dim and num_heads")
+    if cfg.num_classes is not None and cfg.context_dim is not None:
+        raise ValueError(f"{owner}: num_classes and context_dim are exclusive; set one of them")
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"{owner}.attention_backend={cfg.attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if not isinstance(cfg.gradient_checkpointing, bool):
+        raise ValueError(f"{owner}.gradient_checkpointing must be a bool, got {cfg.gradient_checkpointing!r}")
+    attending = set(cfg.attention_levels) | set(extra_attending) | {levels - 1}
+    for i, m in enumerate(cfg.channel_mult):
+        ch = cfg.base_channels * m
+        if ch % cfg.groups:
+            raise ValueError(f"{owner}: level {i} has {ch} channels, not divisible by groups={cfg.groups}")
+        if i in attending:
+            split, what = (cfg.head_dim, "head_dim") if cfg.head_dim else (cfg.num_heads, "num_heads")
+            if ch % split:
+                raise ValueError(f"{owner}: level {i} has {ch} channels (with attention), "
+                                 f"not divisible by {what}={split}")
+
+
+def check_levels(owner: str, name: str, value: Any, levels: int, hint: str = "") -> None:
+    """`value` must be distinct level indices in [0, levels - 1] (ValueError naming owner.name)."""
+    bad = [i for i in value if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < levels]
+    if bad or len(set(value)) != len(value):
+        raise ValueError(f"{owner}.{name}={value} must be distinct level indices in [0, {levels - 1}]{hint}")
+

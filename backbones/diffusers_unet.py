@@ -8,8 +8,9 @@
     export_diffusers(net, "out", schedule_cfg, components_from="path/to/sd21-base")
 
 The UNet's output is taken as v. The released SD2.1-base predicts epsilon: the paper first
-fine-tunes it with the v objective (eq. 5) and zero terminal SNR, which is stage 1 here. Taps: ``down.i`` (output hidden state of ``down_blocks[i]``), ``mid`` (``mid_block``
-output), ``up.i`` (output of ``up_blocks[i]``). `_run` re-implements the forward of
+fine-tunes it with the v objective (eq. 5) and zero terminal SNR, which is stage 1 here.
+Taps: ``down.i`` (output hidden state of ``down_blocks[i]``), ``mid`` (``mid_block`` output),
+``up.i`` (output of ``up_blocks[i]``). `_run` re-implements the forward of
 `UNet2DConditionModel` for the Stable Diffusion family (SD 1.x / 2.x) so that early exit skips
 the rest of the network; configurations outside it are refused at construction.
 """
@@ -392,7 +393,8 @@ def ddim_scheduler_config(schedule: Any, *, set_alpha_to_one: bool = True) -> di
         raise ValueError(f"schedule config lacks field(s) {', '.join(missing)}")
     kind = fields["kind"]
     if kind not in DIFFUSERS_BETA_SCHEDULES:
-        raise ValueError(f"schedule kind {kind!r} has no diffusers equivalent; choose one of {', '.join(DIFFUSERS_BETA_SCHEDULES)}")
+        raise ValueError(f"schedule kind {kind!r} has no diffusers equivalent; "
+                         f"choose one of {', '.join(DIFFUSERS_BETA_SCHEDULES)}")
     T = fields["num_timesteps"]
     if isinstance(T, bool) or not isinstance(T, int) or T < 2:
         raise ValueError(f"schedule num_timesteps must be an int >= 2, got {T!r}")

@@ -17,9 +17,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import Backbone, apply_overrides, unet_feature_info
+from .base import Backbone, apply_overrides, unet_feature_info, validate_unet_config
 from .layers import (
-    ATTENTION_BACKENDS,
     AttentionBlock,
     Downsample,
     ResBlock,
@@ -61,56 +60,7 @@ class ImageUNetConfig:
         self._validate()
 
     def _validate(self) -> None:
-        def positive(name: str, value: Any, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ImageUNetConfig.{name} must be a positive int, got {value!r}")
-
-        for name in ("in_channels", "base_channels", "num_res_blocks", "groups"):
-            positive(name, getattr(self, name))
-        for name in ("out_channels", "head_dim", "num_heads", "num_classes", "context_dim"):
-            positive(name, getattr(self, name), allow_none=True)
-        if not self.channel_mult:
-            raise ValueError("ImageUNetConfig.channel_mult must name at least one level")
-        for m in self.channel_mult:
-            positive("channel_mult entries", m)
-        levels = len(self.channel_mult)
-        bad = [
-            i for i in self.attention_levels
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < levels
-        ]
-        if bad or len(set(self.attention_levels)) != len(self.attention_levels):
-            raise ValueError(
-                f"ImageUNetConfig.attention_levels={self.attention_levels} must be distinct level "
-                f"indices in [0, {levels - 1}]"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ImageUNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if (self.head_dim is None) == (self.num_heads is None):
-            raise ValueError("ImageUNetConfig: give exactly one of head_dim and num_heads")
-        if self.num_classes is not None and self.context_dim is not None:
-            raise ValueError("ImageUNetConfig: num_classes and context_dim are exclusive; set one of them")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"ImageUNetConfig.attention_backend={self.attention_backend!r}; "
-                f"choose one of {ATTENTION_BACKENDS}"
-            )
-        for i, m in enumerate(self.channel_mult):
-            ch = self.base_channels * m
-            if ch % self.groups:
-                raise ValueError(
-                    f"ImageUNetConfig: level {i} has {ch} channels, not divisible by groups={self.groups}"
-                )
-            # the midblock attends at the last level
-            if i in self.attention_levels or i == levels - 1:
-                split, what = (self.head_dim, "head_dim") if self.head_dim else (self.num_heads, "num_heads")
-                if ch % split:
-                    raise ValueError(
-                        f"ImageUNetConfig: level {i} has {ch} channels (with attention), "
-                        f"not divisible by {what}={split}"
-                    )
-
+        validate_unet_config(self)
 
 class _Level(nn.Module):
     """One resolution of the encoder or decoder: ResBlocks [+ AttentionBlocks] [+ resampler]."""

@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import Backbone, apply_overrides, unet_feature_info
+from .base import Backbone, apply_overrides, check_levels, unet_feature_info, validate_unet_config
 from .layers import (
     ATTENTION_BACKENDS,
     AttentionBlock,
@@ -84,61 +84,10 @@ class VideoUNetConfig:
         return self.temporal_attention_levels
 
     def _validate(self) -> None:
-        def positive(name: str, value: Any, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"VideoUNetConfig.{name} must be a positive int, got {value!r}")
-
-        for name in ("in_channels", "base_channels", "num_res_blocks", "groups"):
-            positive(name, getattr(self, name))
-        for name in ("out_channels", "head_dim", "num_heads", "num_classes", "context_dim"):
-            positive(name, getattr(self, name), allow_none=True)
-        if not self.channel_mult:
-            raise ValueError("VideoUNetConfig.channel_mult must name at least one level")
-        for m in self.channel_mult:
-            positive("channel_mult entries", m)
-        levels = len(self.channel_mult)
-        for name in ("attention_levels", "temporal_attention_levels"):
-            value = getattr(self, name)
-            if isinstance(value, bool):
-                continue
-            bad = [i for i in value if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < levels]
-            if bad or len(set(value)) != len(value):
-                raise ValueError(
-                    f"VideoUNetConfig.{name}={value} must be distinct level indices in [0, {levels - 1}]"
-                    + (" or a bool" if name == "temporal_attention_levels" else "")
-                )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"VideoUNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if (self.head_dim is None) == (self.num_heads is None):
-            raise ValueError("VideoUNetConfig: give exactly one of head_dim and num_heads")
-        if self.num_classes is not None and self.context_dim is not None:
-            raise ValueError("VideoUNetConfig: num_classes and context_dim are exclusive; set one of them")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"VideoUNetConfig.attention_backend={self.attention_backend!r}; "
-                f"choose one of {ATTENTION_BACKENDS}"
-            )
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(
-                f"VideoUNetConfig.gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}"
-            )
-        attending = set(self.attention_levels) | set(self.temporal_levels) | {levels - 1}  # mid: last level
-        for i, m in enumerate(self.channel_mult):
-            ch = self.base_channels * m
-            if ch % self.groups:
-                raise ValueError(
-                    f"VideoUNetConfig: level {i} has {ch} channels, not divisible by groups={self.groups}"
-                )
-            if i in attending:
-                split, what = (self.head_dim, "head_dim") if self.head_dim else (self.num_heads, "num_heads")
-                if ch % split:
-                    raise ValueError(
-                        f"VideoUNetConfig: level {i} has {ch} channels (with attention), "
-                        f"not divisible by {what}={split}"
-                    )
-
+        if not isinstance(self.temporal_attention_levels, bool) and self.channel_mult:
+            check_levels("VideoUNetConfig", "temporal_attention_levels", self.temporal_attention_levels,
+                         len(self.channel_mult), " or a bool")
+        validate_unet_config(self, extra_attending=self.temporal_levels)
 
 def _unfold(h: Tensor, frames: int) -> Tensor:
     """[N*F x C x H x W] -> [N x C x F x H x W] (a view)."""
