@@ -194,6 +194,7 @@ class AudioDiT(Backbone):
     context (N, L_ctx, context_dim). Computes in the parameter dtype; returns v in x_t's dtype.
     """
 
+    SHARD_UNITS: ClassVar[tuple[str, ...]] = ("DiTBlock",)  # FSDP units
     PRESETS: ClassVar[dict[str, AudioDiTConfig]] = {
         "tiny": AudioDiTConfig(patch_size=16, hidden_dim=64, depth=4, num_heads=4),
         "default": AudioDiTConfig(),

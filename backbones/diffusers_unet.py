@@ -73,6 +73,7 @@ class DiffusersUNet(TappedDenoiser):
     passed at all.
     """
 
+    SHARD_UNITS: ClassVar[tuple[str, ...]] = ("ResnetBlock2D", "Transformer2DModel")  # FSDP units
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # about 0.2M parameters: two levels, cross-attention at the first level and in the midblock.
         # attention_head_dim is diffusers' (mis)name for the number of heads.

@@ -81,6 +81,7 @@ class ImageUNet(Backbone):
     context (N, L, context_dim). Computes in the parameter dtype; returns v in x_t's dtype.
     """
 
+    SHARD_UNITS: ClassVar[tuple[str, ...]] = ("ResBlock", "AttentionBlock")  # FSDP units
     PRESETS: ClassVar[dict[str, ImageUNetConfig]] = {
         "tiny": ImageUNetConfig(
             base_channels=24, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),

@@ -220,6 +220,7 @@ class VideoUNet(Backbone):
     attention at 16x16 and 8x8).
     """
 
+    SHARD_UNITS: ClassVar[tuple[str, ...]] = ("_SpaceTimeBlock",)  # FSDP units
     PRESETS: ClassVar[dict[str, VideoUNetConfig]] = {
         "tiny": VideoUNetConfig(
             base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),

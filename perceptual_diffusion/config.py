@@ -121,6 +121,7 @@ class TrainConfig:
     sample_steps: int = 25           # DDIM steps for sample grids
     nonfinite: str = "stop"          # stop | skip: what a NaN/inf loss or gradient does
     compile: bool = False            # torch.compile the online net (GPU users)
+    fsdp: bool = False               # shard weights, gradients, optimizer state across processes (FSDP2)
 
 
 @dataclass
@@ -155,6 +156,7 @@ _ALIASES = {
     "image_size": "size", "resolution": "size", "num_frames": "frames", "sampling_rate": "sample_rate",
     "sr": "sample_rate", "in_channels": "channels", "dataset": "name",
     "layer": "layers", "precision": "mixed_precision", "stage": "stages",
+    "sharded": "fsdp", "shard": "fsdp",
 }
 
 
@@ -504,6 +506,9 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
         )
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     _choice("train.nonfinite", t.nonfinite, NONFINITE)
+    if t.fsdp and t.mixed_precision == "fp16":
+        raise RecipeError("train.fsdp supports mixed_precision 'no' or 'bf16', not 'fp16' (its loss scaler "
+                          "would need to agree across shards); use bf16")
     _at_least("train.log_every", t.log_every, 1)
     _at_least("train.sample_every", t.sample_every, 0)
     _at_least("train.checkpoint_every", t.checkpoint_every, 0)

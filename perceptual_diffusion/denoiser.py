@@ -116,6 +116,8 @@ class TappedDenoiser(nn.Module):
     """
 
     feature_layers: tuple[str, ...] = ()
+    # class names of the repeated blocks that FSDP shards as separate units (sharding.shard)
+    SHARD_UNITS: tuple[str, ...] = ()
 
     def _run(self, x_t: Tensor, t: Tensor, cond: Cond, tap: Callable[[str, Tensor], Tensor]) -> Tensor:
         raise NotImplementedError

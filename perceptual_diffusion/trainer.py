@@ -35,7 +35,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import Recipe, RecipeError, StageConfig, recipe_to_dict, save_recipe
+from .config import Recipe, RecipeError, StageConfig, TrainConfig, recipe_to_dict, save_recipe
 from .datasets import build_dataset, make_loader, modality, num_classes, sample_shape
 from .datasets.loader import ResumableBatchSampler
 from .ema import EMA
@@ -43,9 +43,10 @@ from .media import save_samples
 from .objectives import SelfPerceptual, VelocityMSE, make_perceptual
 from .sampling import ddim_sample
 from .schedule import NoiseSchedule
+from .sharding import clip_grad_norm, full_state_dict, is_sharded, load_optimizer_state, optimizer_state, shard
 
 __all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "build_model", "build_schedule",
-           "final_checkpoint", "run_info"]
+           "final_checkpoint", "run_info", "sharding_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,9 @@ def preview_prompts(dataset, n: int) -> list[str]:
     return [dataset[i % len(dataset)].get("caption", "") for i in range(n)]
 
 
-def _param_digest(model: torch.nn.Module) -> str:
+def _param_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -187,6 +188,35 @@ def _warn_recipe_changes(saved: dict, current: dict) -> None:
                     ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed))
 
 
+def sharding_plan(accelerator: Accelerator, train: TrainConfig) -> tuple[bool, dict[str, Any]]:
+    """Whether to shard with FSDP2 (`train.fsdp`, or an accelerate FSDP config) and the keyword
+    arguments of `sharding.shard` that the accelerate config sets (units, resharding)."""
+    kind = accelerator.distributed_type.value
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise RecipeError(f"accelerate distributed type {kind} is not supported; use DDP or FSDP (recipes/accelerate/)")
+    options: dict[str, Any] = {}
+    plugin = accelerator.state.fsdp_plugin if kind == "FSDP" else None
+    if plugin is not None:
+        if plugin.fsdp_version != 2:
+            raise RecipeError("the accelerate config asks for FSDP version 1; this trainer shards with FSDP2: "
+                              "set fsdp_version: 2 (see recipes/accelerate/fsdp_1node.yaml)")
+        if train.mixed_precision == "fp16":
+            raise RecipeError("FSDP supports train.mixed_precision 'no' or 'bf16', not 'fp16'; use bf16")
+        options = {"class_names": plugin.transformer_cls_names_to_wrap or None,
+                   "reshard_after_forward": bool(plugin.reshard_after_forward)}
+        offload = type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy"
+        ignored = [name for name, on in (("fsdp_offload_params", offload),
+                                         ("fsdp_activation_checkpointing", plugin.activation_checkpointing)) if on]
+        if ignored:
+            log.warning("ignoring %s of the accelerate config (for activation checkpointing set "
+                        "model.overrides.gradient_checkpointing = true)", ", ".join(ignored))
+    wanted = train.fsdp or plugin is not None
+    if wanted and accelerator.num_processes == 1:
+        log.warning("FSDP with one process has nothing to shard: training unsharded")
+        return False, {}
+    return wanted, options
+
+
 class Trainer:
     """Runs the stages of `recipe.train.stages` in `run_dir`, optionally resuming.
 
@@ -202,12 +232,8 @@ class Trainer:
         # several CPU processes (gloo); on a GPU machine accelerate picks the device itself.
         self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())
-        kind = self.accelerator.distributed_type.value
-        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            # checkpoints gather the full state on the main process, which is right for DDP only
-            raise NotImplementedError(f"distributed type {kind} is not supported yet; use DDP "
-                                      "(recipes/accelerate/ddp_*.yaml)")
         self.device = self.accelerator.device
+        self.fsdp, self._shard_options = sharding_plan(self.accelerator, recipe.train)
         self.schedule = build_schedule(recipe)
         try:
             self.dataset = build_dataset(recipe.data)
@@ -286,10 +312,17 @@ class Trainer:
                         steps=self.recipe.train.sample_steps)
         return (x if self.latent is None else self.latent.decode(x)).cpu()
 
+    def _generate_main(self, model: torch.nn.Module | None) -> torch.Tensor | None:
+        """`_generate` on the main process (None elsewhere); every process runs a sharded model,
+        as each holds a part of its weights."""
+        if model is not None and (self.is_main or is_sharded(model)):
+            x = self._generate(model)
+            return x if self.is_main else None
+        return None
+
     def _sample(self, model: torch.nn.Module, name: str) -> Path | None:
-        if not self.is_main:
-            return None
-        return self._save(self._generate(model), self.run_dir / "samples" / f"{name}.png")[0]
+        x = self._generate_main(model)
+        return None if x is None else self._save(x, self.run_dir / "samples" / f"{name}.png")[0]
 
     def _save(self, x: torch.Tensor, path: Path, nrow: int | None = None) -> list[Path]:
         d = self.recipe.data
@@ -365,17 +398,24 @@ class Trainer:
         ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
         if resume is not None:
             ema.load_state_dict({"model": ck.weights["ema"], "num_updates": state["ema_updates"]})
+        if recipe.train.compile:
+            model.forward = torch.compile(model.forward)
+        if self.fsdp:  # the online net and its EMA, sharded alike (the optimizer then holds shards)
+            for net in (model, ema.model):
+                try:
+                    shard(net.to(self.device), **self._shard_options)
+                except ValueError as e:  # fsdp_transformer_layer_cls_to_wrap names no block of this backbone
+                    raise RecipeError(f"FSDP: {e}") from e
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         if resume is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(model, optimizer, state["optimizer"])
             lr_sched.load_state_dict(state["lr_scheduler"])
-        if recipe.train.compile:
-            model.forward = torch.compile(model.forward)
-        model, optimizer = acc.prepare(model, optimizer)
+        if not self.fsdp:  # DDP (or one process); a sharded model is not handed to accelerate
+            model, optimizer = acc.prepare(model, optimizer)
         if resume is not None and state.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
         ema.model.to(self.device)
@@ -416,13 +456,15 @@ class Trainer:
         def save(final: bool) -> Path:
             rng = gather_object([capture_rng_state({"objective": gen})])
             path = None
-            if self.is_main:
+            if self.is_main or self.fsdp:  # sharded tensors are gathered to the main process
                 unwrapped = acc.unwrap_model(model)
-                weights = {"model": unwrapped.state_dict(), "ema": ema.model.state_dict()}
+                weights = {"model": full_state_dict(unwrapped), "ema": full_state_dict(ema.model)}
+                opt_state = optimizer_state(unwrapped, getattr(optimizer, "optimizer", optimizer))
+            if self.is_main:
                 if perceptual is not None:
                     weights["perceptual"] = perceptual.state_dict()
                 ck_state = {
-                    "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                    "optimizer": opt_state, "lr_scheduler": lr_sched.state_dict(),
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     "rng": rng, "data_position": list(data_pos), "stage_step": step,
                     "ema_updates": ema.num_updates, "counters": counters,
@@ -451,13 +493,17 @@ class Trainer:
                 with acc.autocast():
                     loss = objective(model, x0, cond, generator=gen).mean()
                 loss_sum += loss.detach()
-                if micro < cfg.grad_accum - 1:
+                last = micro == cfg.grad_accum - 1
+                if self.fsdp:  # gradients reduce-scatter on the last micro-batch only
+                    model.set_requires_gradient_sync(last)
+                    acc.backward(loss / cfg.grad_accum)
+                elif not last:
                     with acc.no_sync(model):
                         acc.backward(loss / cfg.grad_accum)
                 else:
                     acc.backward(loss / cfg.grad_accum)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = acc.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = (clip_grad_norm if self.fsdp else acc.clip_grad_norm_)(model.parameters(), clip)
             loss_mean = loss_sum / cfg.grad_accum
             bad_grad = acc.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)).item()
             bad = torch.tensor(float(not torch.isfinite(loss_mean).item() or bad_grad), device=self.device)
@@ -531,23 +577,30 @@ class Trainer:
         return labels
 
     def _finish(self, result: TrainResult) -> None:
-        """summary.json, per-process weight digests, and MSE vs SP from the same noise."""
+        """summary.json, weight digests (per process under DDP, of the gathered weights under
+        FSDP), and MSE vs SP from the same noise."""
         models = self._models
-        digests = gather_object([{s: _param_digest(m[0]) for s, m in models.items()}])
+        if self.fsdp:  # each process holds a shard: digest the full weights once
+            full = {s: full_state_dict(m[0]) for s, m in models.items()}
+            digests = [{s: _param_digest(sd) for s, sd in full.items()}] if self.is_main else []
+        else:
+            digests = gather_object([{s: _param_digest(m[0].state_dict()) for s, m in models.items()}])
+        emas: dict[str, torch.nn.Module | None] = {stage: m[1] for stage, m in models.items()}
+        if "sp" in emas and "mse" not in emas and tuple(self.recipe.train.stages) == ("mse", "sp"):
+            # stage 1 finished in an earlier process: its final EMA is in its checkpoint
+            emas["mse"] = None
+            if self.is_main:
+                emas["mse"] = self._new_model(pretrained_weights=False).to(self.device).eval()
+                emas["mse"].load_state_dict(load_checkpoint(self._stage1_source()).weights["ema"])
+        rows = [self._generate_main(emas[stage]) for stage in ("mse", "sp")] if len(emas) == 2 else []
         if not self.is_main:
             return
         summary = {"run_dir": str(self.run_dir), "stages": [asdict(s) for s in result.stages],
-                   "num_processes": self.accelerator.num_processes, "weight_digests_per_process": digests}
+                   "num_processes": self.accelerator.num_processes, "sharded": self.fsdp}
+        summary["weight_digest" if self.fsdp else "weight_digests_per_process"] = digests[0] if self.fsdp else digests
         if len({json.dumps(d, sort_keys=True) for d in digests}) > 1:
             log.error("processes ended with different weights: %s", digests)
-        emas = {stage: m[1] for stage, m in models.items()}
-        if "sp" in emas and "mse" not in emas and tuple(self.recipe.train.stages) == ("mse", "sp"):
-            # stage 1 finished in an earlier process: its final EMA is in its checkpoint
-            mse = self._new_model(pretrained_weights=False).to(self.device).eval()
-            mse.load_state_dict(load_checkpoint(self._stage1_source()).weights["ema"])
-            emas["mse"] = mse
-        if len(emas) == 2:
-            rows = [self._generate(emas[stage]) for stage in ("mse", "sp")]
+        if rows:
             paths = self._save(torch.cat(rows), self.run_dir / "samples" / "mse_vs_sp.png",
                                nrow=self.recipe.train.num_samples)
             summary["mse_vs_sp"] = str(paths[0])

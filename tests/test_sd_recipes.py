@@ -168,3 +168,36 @@ def test_architecture_from_config_takes_the_recipes_config_overrides(sd_world):
     assert not arch.unet.is_gradient_checkpointing
     arch.train()
     assert arch.unet.is_gradient_checkpointing
+
+
+def test_two_process_fsdp_on_the_sd_unet_exports_a_pipeline(sd_world, tmp_path):
+    """sd21_t2i_mse then SP under FSDP over gloo: the diffusers UNet sharded by its ResnetBlock2D /
+    Transformer2DModel blocks, full checkpoints (with the null context), and an export that loads."""
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import UNet2DConditionModel
+
+    model_dir, shards = sd_world
+    run = tmp_path / "fsdp"
+    overrides = _overrides(model_dir, shards) + _stage("mse") + _stage("sp") + [
+        "train.stages=['mse', 'sp']", "train.fsdp=true", "train.sample_every=0"]
+    port = str(29400 + os.getpid() % 900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+         "-m", "perceptual_diffusion.cli", "train", str(ROOT / "recipes/image/sd21_t2i_mse.toml"), "--out", str(run),
+         "--no-progress", *[arg for o in overrides for arg in ("--set", o)]],
+        capture_output=True, text=True, timeout=400, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sharded"] and set(summary["weight_digest"]) == {"mse", "sp"}
+    ck = load_checkpoint(final_checkpoint(run, "sp"))
+    reference = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
+    assert {k: v.shape for k, v in ck.weights["ema"].items()} == {
+        **{f"unet.{k}": v.shape for k, v in reference.items()}, "null_context": ck.weights["ema"]["null_context"].shape}
+    assert main(["export", str(run), str(tmp_path / "pipe"), "--components", str(model_dir)]) == 0
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "pipe", subfolder="unet").state_dict()
+    for key, value in exported.items():
+        assert torch.equal(value, ck.weights["ema"][f"unet.{key}"]), key

@@ -1,0 +1,19 @@
+"""Run under `accelerate launch` by tests/test_distributed.py: one run straight through into
+OUT/a, and the same run stopped twice (global steps 2 and 5) and resumed into OUT/b.
+
+    python dist_driver.py RECIPE OUT [a.b=value ...]
+"""
+
+import sys
+from pathlib import Path
+
+from perceptual_diffusion.config import load_recipe
+from perceptual_diffusion.trainer import Trainer
+
+recipe_path, out, *overrides = sys.argv[1:]
+recipe = load_recipe(recipe_path, overrides)
+out = Path(out)
+Trainer(recipe, out / "a", progress=False).run()
+assert Trainer(recipe, out / "b", progress=False).run(stop_after=2).stopped_at == 2
+assert Trainer(recipe, out / "b", resume="latest", progress=False).run(stop_after=5).stopped_at == 5
+Trainer(recipe, out / "b", resume="latest", progress=False).run()
