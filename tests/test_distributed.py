@@ -243,3 +243,28 @@ def test_fsdp_plan_refuses_fsdp1_and_fp16_and_reads_unit_names(tmp_path, monkeyp
         True, {"class_names": ["ResBlock"], "reshard_after_forward": False})
     acc.num_processes = 1  # nothing to shard: plain training
     assert sharding_plan(acc, _train()) == (False, {})
+
+
+def test_a_checkpoint_saved_under_fsdp_resumes_in_one_process(runs, tmp_path, caplog):
+    """Full tensors and optimizer state keyed by name: the FSDP run's mid-SP checkpoint (global
+    step 5) continues in one unsharded process, Adam moments included."""
+    import shutil
+
+    from perceptual_diffusion.trainer import Trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "fsdp" / "b", run)
+    shutil.rmtree(run / "checkpoints" / "step-0000007")
+    saved = load_checkpoint(latest_checkpoint(run))
+    assert saved.step == 5
+    recipe = load_recipe(runs / "r.toml", ["train.fsdp=true"])  # one process: nothing to shard
+    trainer = Trainer(recipe, run, resume="latest", progress=False)
+    assert trainer.fsdp is False
+    result = trainer.run()
+    assert [s.stage for s in result.stages] == ["sp"] and "RNG streams restart" in caplog.text
+    final = load_checkpoint(latest_checkpoint(run))
+    assert final.step == 7 and final.state["ema_updates"] == 3
+    moved = [k for k, v in saved.weights["model"].items() if not torch.equal(v, final.weights["model"][k])]
+    assert moved  # it trained on from the loaded weights
+    for key, state in final.state["optimizer"]["state"].items():  # Adam steps continued from 1, not 0
+        assert int(state["step"]) == 3, key
