@@ -223,7 +223,9 @@ def _train(**fields):
     return TrainConfig(**fields)
 
 
-def test_fsdp_plan_refuses_fsdp1_and_fp16_and_reads_unit_names(tmp_path, monkeypatch):
+def test_fsdp_plan_refuses_fsdp1_fp16_and_deepspeed_and_reads_unit_names(tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType
+
     from perceptual_diffusion.trainer import sharding_plan
 
     text = (ROOT / "recipes" / "accelerate" / "fsdp_1node.yaml").read_text()
@@ -243,6 +245,9 @@ def test_fsdp_plan_refuses_fsdp1_and_fp16_and_reads_unit_names(tmp_path, monkeyp
         True, {"class_names": ["ResBlock"], "reshard_after_forward": False})
     acc.num_processes = 1  # nothing to shard: plain training
     assert sharding_plan(acc, _train()) == (False, {})
+    acc.distributed_type = DistributedType.DEEPSPEED
+    with pytest.raises(RecipeError, match="DEEPSPEED is not supported; use DDP or FSDP"):
+        sharding_plan(acc, _train())
 
 
 def test_a_checkpoint_saved_under_fsdp_resumes_in_one_process(runs, tmp_path, caplog):

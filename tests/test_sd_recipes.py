@@ -171,8 +171,9 @@ def test_architecture_from_config_takes_the_recipes_config_overrides(sd_world):
 
 
 def test_two_process_fsdp_on_the_sd_unet_exports_a_pipeline(sd_world, tmp_path):
-    """sd21_t2i_mse then SP under FSDP over gloo: the diffusers UNet sharded by its ResnetBlock2D /
-    Transformer2DModel blocks, full checkpoints (with the null context), and an export that loads."""
+    """sd21_t2i_mse then SP under FSDP over gloo, in bf16 as the recipes run: the diffusers UNet
+    sharded by its ResnetBlock2D / Transformer2DModel blocks, full float32 checkpoints (with the
+    null context), a bf16 perceptual copy, and an export that loads."""
     import os
     import subprocess
     import sys
@@ -182,7 +183,7 @@ def test_two_process_fsdp_on_the_sd_unet_exports_a_pipeline(sd_world, tmp_path):
     model_dir, shards = sd_world
     run = tmp_path / "fsdp"
     overrides = _overrides(model_dir, shards) + _stage("mse") + _stage("sp") + [
-        "train.stages=['mse', 'sp']", "train.fsdp=true", "train.sample_every=0"]
+        "train.stages=['mse', 'sp']", "train.fsdp=true", "train.sample_every=0", "train.mixed_precision='bf16'"]
     port = str(29400 + os.getpid() % 900)
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -194,6 +195,8 @@ def test_two_process_fsdp_on_the_sd_unet_exports_a_pipeline(sd_world, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sharded"] and set(summary["weight_digest"]) == {"mse", "sp"}
     ck = load_checkpoint(final_checkpoint(run, "sp"))
+    assert {v.dtype for v in ck.weights["model"].values()} == {torch.float32}
+    assert ck.weights["perceptual"]["unet.conv_in.weight"].dtype == torch.bfloat16
     reference = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
     assert {k: v.shape for k, v in ck.weights["ema"].items()} == {
         **{f"unet.{k}": v.shape for k, v in reference.items()}, "null_context": ck.weights["ema"]["null_context"].shape}
