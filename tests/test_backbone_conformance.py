@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones import BACKBONES, build_backbone
+from backbones.base import Backbone
 from perceptual_diffusion import make_perceptual
 from perceptual_diffusion.denoiser import TappedDenoiser
 
@@ -179,3 +180,73 @@ def test_batch_size_one_matches_the_batched_call(case):
         both = net(x, t, cond)
         first = net(x[:1], t[:1], cond[:1] if isinstance(cond, Tensor) else cond)
     torch.testing.assert_close(first, both[:1], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------- conditioning of the library's own backbones (base.Backbone)
+
+OWN = sorted(name for name, cls in BACKBONES.items() if isinstance(cls, type) and issubclass(cls, Backbone))
+
+
+def _own(name: str, **overrides: Any) -> tuple[nn.Module, Tensor, Tensor]:
+    """A perturbed tiny `name` with `overrides`, and an input batch of 2 of its case's shape."""
+    torch.manual_seed(0)
+    net = _randomise(build_backbone(name, "tiny", in_channels=1, **overrides)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every path carries signal, not only the zero-initialised ones
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    shape = CASES[name]().shape
+    return net, torch.randn(2, *shape, generator=g), torch.randint(0, 1000, (2,), generator=g)
+
+
+def test_own_backbones_are_the_image_video_and_audio_ones():
+    assert OWN == ["audio_dit", "image_unet", "video_unet"]
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_class_labels_condition_and_none_means_the_null_label(name):
+    net, x, t = _own(name, num_classes=10)
+    with torch.no_grad():
+        a, b = net(x, t, torch.tensor([1, 2])), net(x, t, torch.tensor([3, 4]))
+        assert (a - b).abs().amax() > 1e-3
+        assert torch.equal(a, net(x, t, torch.tensor([1, 2])))
+        null = net.null_cond(torch.tensor([1, 2]))
+        assert torch.equal(null, torch.tensor([10, 10]))
+        torch.testing.assert_close(net(x, t, None), net(x, t, null))
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_contexts_of_any_length_condition_and_bad_ones_raise(name):
+    net, x, t = _own(name, context_dim=12)
+    ctx = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = net(x, t, ctx), net(x, t, ctx + 1.0)
+        assert a.shape == x.shape and (a - b).abs().amax() > 1e-3
+        assert net(x, t, torch.randn(2, 7, 12)).shape == x.shape
+    with pytest.raises(ValueError, match="explicit uncond"):
+        net.null_cond(ctx)
+    with pytest.raises(ValueError, match=r"\(N, L, 12\)"):
+        net(x, t, torch.randn(2, 5, 11))
+    with pytest.raises(ValueError, match="needs a context"):
+        net(x, t)
+    with pytest.raises(ValueError, match="context of batch 3 for a batch of 2"):
+        net(x, t, torch.randn(3, 5, 12))
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_wrong_conditions_raise(name):
+    net, x, t = _own(name, num_classes=10)
+    plain, _, _ = _own(name)
+    with pytest.raises(TypeError, match="no num_classes"):
+        plain(x, t, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="no cross-attention"):
+        net(x, t, torch.randn(2, 4, 8))
+    with pytest.raises(TypeError, match="list"):
+        net(x, t, [1, 2])
+    with pytest.raises(TypeError, match="dtype"):
+        net(x, t, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        net(x, t, torch.tensor([[1], [2]]))
+    with pytest.raises(ValueError, match="3 class labels for a batch of 2"):
+        net(x, t, torch.tensor([1, 2, 3]))
+    assert plain.null_cond(None) is None

@@ -212,7 +212,7 @@ def test_shipped_fsdp_configs_shard_the_sd_unet(name, monkeypatch):
     pytest.importorskip("diffusers")
     from perceptual_diffusion.trainer import sharding_plan
 
-    acc, plugin = _accelerate(ROOT / "recipes" / "accelerate" / name, monkeypatch)
+    acc, _ = _accelerate(ROOT / "recipes" / "accelerate" / name, monkeypatch)
     text = (ROOT / "recipes" / "image" / "sd21_t2i_mse.toml").read_text()
     recipe = recipe_from_dict(tomllib.loads(text), check_paths=False)  # no SD2.1 weights here
     assert recipe.train.mixed_precision == "bf16"

@@ -111,56 +111,6 @@ def test_config_validation(fields, match):
         ImageUNetConfig(**fields)
 
 
-# ---------------------------------------------------------------- conditioning
-
-
-def test_class_conditioning_changes_output(tiny):
-    x, t = inputs(2)
-    a = tiny(x, t, torch.tensor([1, 2]))
-    b = tiny(x, t, torch.tensor([3, 4]))
-    assert (a - b).abs().amax() > 1e-3
-    assert torch.equal(a, tiny(x, t, torch.tensor([1, 2])))
-    null = tiny.null_cond(torch.tensor([1, 2]))
-    assert torch.equal(null, torch.tensor([10, 10]))
-    # None means the null label
-    assert torch.allclose(tiny(x, t, None), tiny(x, t, null))
-
-
-def test_context_conditioning_changes_output():
-    torch.manual_seed(0)
-    net = perturbed(ImageUNet.from_preset("tiny", context_dim=12))
-    x, t = inputs(2)
-    ctx = torch.randn(2, 5, 12)
-    a, b = net(x, t, ctx), net(x, t, ctx + 1.0)
-    assert a.shape == x.shape
-    assert (a - b).abs().amax() > 1e-3
-    assert net(x, t, torch.randn(2, 7, 12)).shape == x.shape  # any context length
-    with pytest.raises(ValueError, match="explicit uncond"):
-        net.null_cond(ctx)
-    with pytest.raises(ValueError, match=r"\(N, L, 12\)"):
-        net(x, t, torch.randn(2, 5, 11))
-    with pytest.raises(ValueError, match="needs a context"):
-        net(x, t)
-
-
-def test_wrong_cond_raises(tiny):
-    x, t = inputs(2)
-    plain = ImageUNet.from_preset("tiny")
-    with pytest.raises(TypeError, match="no num_classes"):
-        plain(x, t, torch.tensor([1, 2]))
-    with pytest.raises(TypeError, match="no cross-attention"):
-        tiny(x, t, torch.randn(2, 4, 8))
-    with pytest.raises(TypeError, match="list"):
-        tiny(x, t, [1, 2])
-    with pytest.raises(TypeError, match="dtype"):
-        tiny(x, t, torch.tensor([True, False]))
-    with pytest.raises(ValueError, match=r"\(N,\)"):
-        tiny(x, t, torch.tensor([[1], [2]]))
-    with pytest.raises(ValueError, match="3 class labels for a batch of 2"):
-        tiny(x, t, torch.tensor([1, 2, 3]))
-    assert plain.null_cond(None) is None
-
-
 # ---------------------------------------------------------------- taps and early exit
 
 
