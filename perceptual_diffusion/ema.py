@@ -12,6 +12,7 @@ or use `state_dict()` / `load_state_dict()`, which hold both.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -47,11 +48,15 @@ class EMA:
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the average one step towards `model` (call after each optimizer step)."""
+    def update(self, model: nn.Module, params: Sequence[Tensor] | None = None) -> None:
+        """Move the average one step towards `model` (call after each optimizer step).
+
+        `params`, in `model.parameters()` order, replace the model's own parameters as the target,
+        e.g. the float32 master weights of a DeepSpeed engine; buffers come from `model`.
+        """
         weight = 1.0 - self.current_decay()
         ema_params = list(self.model.parameters())
-        params = list(model.parameters())
+        params = list(model.parameters()) if params is None else list(params)
         if len(ema_params) != len(params):
             raise ValueError(
                 f"EMA.update: model has {len(params)} parameters, the average has {len(ema_params)}"

@@ -3,7 +3,8 @@
 Stage "mse" trains v-prediction MSE (eq. 5) with conditional dropout; stage "sp" starts from
 the stage-1 checkpoint, freezes a copy of it as the perceptual network (EMA weights by
 default) and trains the self-perceptual objective (eq. 12). The same code runs on one CPU, one
-GPU, or many processes under `accelerate launch` / torchrun.
+GPU, or many processes under `accelerate launch` / torchrun: DDP, FSDP2 (`train.fsdp` or an
+accelerate FSDP config) or DeepSpeed ZeRO 0-2 (an accelerate DeepSpeed config).
 
 Nothing is lost on a fault: checkpoints are atomic and hold every state needed for an exact
 resume (weights, EMA, optimizer, LR schedule, grad scaler, every process's RNG, the data
@@ -16,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,10 +46,11 @@ from .media import save_samples
 from .objectives import SelfPerceptual, VelocityMSE, make_perceptual
 from .sampling import ddim_sample
 from .schedule import NoiseSchedule
-from .sharding import clip_grad_norm, full_state_dict, is_sharded, load_optimizer_state, optimizer_state, shard
+from .sharding import (clip_grad_norm, full_fp32_params, full_state_dict, is_sharded, load_deepspeed_state,
+                       load_optimizer_state, optimizer_state, shard)
 
 __all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "build_model", "build_schedule",
-           "final_checkpoint", "run_info", "sharding_plan"]
+           "final_checkpoint", "run_info", "sharding_plan", "deepspeed_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +196,13 @@ def sharding_plan(accelerator: Accelerator, train: TrainConfig) -> tuple[bool, d
     """Whether to shard with FSDP2 (`train.fsdp`, or an accelerate FSDP config) and the keyword
     arguments of `sharding.shard` that the accelerate config sets (units, resharding)."""
     kind = accelerator.distributed_type.value
-    if kind in ("DEEPSPEED", "MEGATRON_LM"):
-        raise RecipeError(f"accelerate distributed type {kind} is not supported; use DDP or FSDP (recipes/accelerate/)")
+    if kind == "MEGATRON_LM":
+        raise RecipeError(f"accelerate distributed type {kind} is not supported; use DDP, FSDP or DeepSpeed "
+                          "(recipes/accelerate/)")
+    if kind == "DEEPSPEED":
+        if train.fsdp:
+            raise RecipeError("train.fsdp and a DeepSpeed accelerate config exclude each other: DeepSpeed shards itself")
+        return False, {}
     options: dict[str, Any] = {}
     plugin = accelerator.state.fsdp_plugin if kind == "FSDP" else None
     if plugin is not None:
@@ -217,6 +226,47 @@ def sharding_plan(accelerator: Accelerator, train: TrainConfig) -> tuple[bool, d
     return wanted, options
 
 
+def deepspeed_plan(accelerator: Accelerator, train: TrainConfig) -> bool:
+    """Whether accelerate runs DeepSpeed, after checking what this trainer supports of it: ZeRO
+    stages 0-2 without offloading, mixed precision 'no' or 'bf16', train.nonfinite = 'stop'.
+
+    Stage 3 is refused: DeepSpeed (0.19) cannot write a full tensor back into a ZeRO-3 partition
+    when its size is not a multiple of the process count, so a resume could not be exact; FSDP
+    (recipes/accelerate/fsdp_1node.yaml) shards the weights instead."""
+    if accelerator.distributed_type.value != "DEEPSPEED":
+        return False
+    plugin = accelerator.state.deepspeed_plugin
+    config = plugin.deepspeed_config
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (0, 1, 2):
+        raise RecipeError(f"DeepSpeed ZeRO stage {zero.get('stage')!r} is not supported: use stage 0-2, or FSDP "
+                          "(recipes/accelerate/fsdp_1node.yaml) to shard the weights as ZeRO-3 would")
+    offload = [k for k in ("offload_optimizer", "offload_param")
+               if str(zero.get(k, {}).get("device", "none")).lower() not in ("none", "auto")]
+    if offload:
+        raise RecipeError(f"DeepSpeed {' and '.join(offload)} is not supported by this trainer; set the device "
+                          "to none (FSDP or more processes shard further)")
+    if train.mixed_precision == "fp16":
+        raise RecipeError("DeepSpeed supports train.mixed_precision 'no' or 'bf16', not 'fp16'; use bf16")
+    if train.nonfinite == "skip":
+        raise RecipeError("train.nonfinite = 'skip' cannot be honoured under DeepSpeed (its engine steps inside "
+                          "backward); use 'stop'")
+    return True
+
+
+def _accelerator(mixed_precision: str) -> Accelerator:
+    """accelerate's Accelerator for this machine. cpu=True on a CPU-only machine lets `accelerate
+    launch --multi_gpu` / torchrun run several CPU processes (gloo); DeepSpeed needs cpu=False
+    and, without GPUs, the gloo backend named explicitly."""
+    cuda = torch.cuda.is_available()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+        return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not cuda)
+
+
 class Trainer:
     """Runs the stages of `recipe.train.stages` in `run_dir`, optionally resuming.
 
@@ -228,12 +278,11 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.progress = progress
-        # cpu=True on a CPU-only machine lets `accelerate launch --multi_gpu` / torchrun run
-        # several CPU processes (gloo); on a GPU machine accelerate picks the device itself.
-        self.accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
-                                       cpu=not torch.cuda.is_available())
+        self.accelerator = _accelerator(recipe.train.mixed_precision)
         self.device = self.accelerator.device
         self.fsdp, self._shard_options = sharding_plan(self.accelerator, recipe.train)
+        self.deepspeed = deepspeed_plan(self.accelerator, recipe.train)
+        self.collective_state = self.fsdp or self.deepspeed  # gathering weights needs every process
         self.schedule = build_schedule(recipe)
         try:
             self.dataset = build_dataset(recipe.data)
@@ -246,7 +295,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._stop_requested = False
         self._stopped_at: int | None = None
-        self._models: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}  # stage -> (online, ema)
+        self._emas: dict[str, torch.nn.Module] = {}  # stage -> its final EMA model
+        self._digests: dict[str, str] = {}  # stage -> digest of its final online weights
         stages = recipe.train.stages
         self.offsets = {s: sum(self._stage_cfg(p).steps for p in stages[: stages.index(s)]) for s in stages}
         self.latent = build_latent(recipe, self.device)  # None in pixel space
@@ -412,9 +462,13 @@ class Trainer:
         warm = cfg.warmup_steps
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         if resume is not None:
-            load_optimizer_state(model, optimizer, state["optimizer"])
+            if not self.deepspeed:
+                load_optimizer_state(model, optimizer, state["optimizer"])
             lr_sched.load_state_dict(state["lr_scheduler"])
-        if not self.fsdp:  # DDP (or one process); a sharded model is not handed to accelerate
+        if self.deepspeed:  # the engine wraps the model; `optimizer` becomes its ZeRO optimizer
+            model = self._deepspeed_engine(model, optimizer, cfg, state.get("optimizer"))
+            optimizer = model.optimizer
+        elif not self.fsdp:  # DDP (or one process); a sharded model is not handed to accelerate
             model, optimizer = acc.prepare(model, optimizer)
         if resume is not None and state.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
@@ -456,10 +510,11 @@ class Trainer:
         def save(final: bool) -> Path:
             rng = gather_object([capture_rng_state({"objective": gen})])
             path = None
-            if self.is_main or self.fsdp:  # sharded tensors are gathered to the main process
+            if self.is_main or self.collective_state:  # sharded tensors are gathered to the main process
                 unwrapped = acc.unwrap_model(model)
                 weights = {"model": full_state_dict(unwrapped), "ema": full_state_dict(ema.model)}
-                opt_state = optimizer_state(unwrapped, getattr(optimizer, "optimizer", optimizer))
+                inner = optimizer if self.deepspeed else getattr(optimizer, "optimizer", optimizer)
+                opt_state = optimizer_state(unwrapped, inner)
             if self.is_main:
                 if perceptual is not None:
                     weights["perceptual"] = perceptual.state_dict()
@@ -494,7 +549,11 @@ class Trainer:
                     loss = objective(model, x0, cond, generator=gen).mean()
                 loss_sum += loss.detach()
                 last = micro == cfg.grad_accum - 1
-                if self.fsdp:  # gradients reduce-scatter on the last micro-batch only
+                if self.deepspeed:  # the engine scales by 1 / grad_accum, reduces, clips, steps at the boundary
+                    model.set_gradient_accumulation_boundary(last)
+                    model.backward(loss)
+                    model.step()
+                elif self.fsdp:  # gradients reduce-scatter on the last micro-batch only
                     model.set_requires_gradient_sync(last)
                     acc.backward(loss / cfg.grad_accum)
                 elif not last:
@@ -503,9 +562,13 @@ class Trainer:
                 else:
                     acc.backward(loss / cfg.grad_accum)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = (clip_grad_norm if self.fsdp else acc.clip_grad_norm_)(model.parameters(), clip)
+            if self.deepspeed:  # clipped inside the engine's step; None when it computed no norm
+                norm = model.get_global_grad_norm()
+            else:
+                norm = (clip_grad_norm if self.fsdp else acc.clip_grad_norm_)(model.parameters(), clip)
+            grad_norm = float("nan") if norm is None else float(norm)
             loss_mean = loss_sum / cfg.grad_accum
-            bad_grad = acc.scaler is None and not torch.isfinite(torch.as_tensor(grad_norm)).item()
+            bad_grad = acc.scaler is None and norm is not None and not math.isfinite(grad_norm)
             bad = torch.tensor(float(not torch.isfinite(loss_mean).item() or bad_grad), device=self.device)
             if acc.reduce(bad, "sum").item() > 0:
                 what = f"non-finite {'loss' if not torch.isfinite(loss_mean).item() else 'gradient'}"
@@ -516,10 +579,12 @@ class Trainer:
                 counters["skipped_nonfinite"] += 1
                 optimizer.zero_grad(set_to_none=True)
             else:
-                optimizer.step()
+                if not self.deepspeed:  # the engine stepped already
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 lr_sched.step()
-                optimizer.zero_grad(set_to_none=True)
-                ema.update(acc.unwrap_model(model))
+                online = acc.unwrap_model(model)
+                ema.update(online, full_fp32_params(online) if self.deepspeed else None)
                 window.append(loss_mean.item())
             step += 1
             bar.update(1)
@@ -531,7 +596,7 @@ class Trainer:
                 local = torch.tensor(sum(window) / len(window) if window else float("nan"), device=self.device)
                 last_loss = acc.gather(local.reshape(1)).mean().item()
                 self._log({"step": global_step, "stage": stage, "stage_step": step, "loss": last_loss,
-                           "lr": lr_sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
                            "ema_decay": ema.current_decay(), **counters,
                            "elapsed_s": round(time.time() - t_start, 3)})
                 window.clear()
@@ -552,9 +617,30 @@ class Trainer:
         bar.close()
         if counters["skipped_items"]:
             log.warning("%s: %d unreadable data items were skipped", stage, counters["skipped_items"])
-        self._models[stage] = (acc.unwrap_model(model), ema.model)
+        online = acc.unwrap_model(model)
+        weights = full_state_dict(online) if self.collective_state else online.state_dict()  # collective
+        self._digests[stage] = _param_digest(weights) if self.is_main or not self.collective_state else ""
+        self._emas[stage] = ema.model
         return StageResult(stage=stage, steps=cfg.steps, final_loss=last_loss, seconds=time.time() - t_start,
                            checkpoint=str(path), **counters)
+
+    def _deepspeed_engine(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StageConfig,
+                          optim_state: dict | None):
+        """`model` and `optimizer` handed to a DeepSpeed engine configured from the stage (micro
+        batch, accumulation, clipping); its float32 master weights are set from `model`'s own
+        (not from the engine's bf16 copy) and `optim_state`, if any, is restored."""
+        acc = self.accelerator
+        acc.free_memory()  # an earlier stage's engine
+        config = acc.state.deepspeed_plugin.deepspeed_config
+        config.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                      train_batch_size=cfg.batch_size * cfg.grad_accum * acc.num_processes,
+                      gradient_clipping=float(cfg.grad_clip), zero_allow_untested_optimizer=True)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        engine, _ = acc.prepare(model, optimizer)
+        cond = None if self.sample_cond is None else self.sample_cond[:1].to(self.device)
+        one = (self.sample_noise[:1].to(self.device), torch.zeros(1, dtype=torch.long, device=self.device), cond)
+        load_deepspeed_state(engine, weights, optim_state, one)
+        return engine
 
     def _condition(self, batch: dict, dropout: float, gen: torch.Generator) -> torch.Tensor | None:
         if self.latent is not None:  # captions -> text contexts; dropped and empty ones -> the empty prompt
@@ -578,14 +664,12 @@ class Trainer:
 
     def _finish(self, result: TrainResult) -> None:
         """summary.json, weight digests (per process under DDP, of the gathered weights under
-        FSDP), and MSE vs SP from the same noise."""
-        models = self._models
-        if self.fsdp:  # each process holds a shard: digest the full weights once
-            full = {s: full_state_dict(m[0]) for s, m in models.items()}
-            digests = [{s: _param_digest(sd) for s, sd in full.items()}] if self.is_main else []
+        FSDP / DeepSpeed), and MSE vs SP from the same noise."""
+        if self.collective_state:  # each process holds a shard: the full weights were digested once
+            digests = [self._digests] if self.is_main else []
         else:
-            digests = gather_object([{s: _param_digest(m[0].state_dict()) for s, m in models.items()}])
-        emas: dict[str, torch.nn.Module | None] = {stage: m[1] for stage, m in models.items()}
+            digests = gather_object([self._digests])
+        emas: dict[str, torch.nn.Module | None] = dict(self._emas)
         if "sp" in emas and "mse" not in emas and tuple(self.recipe.train.stages) == ("mse", "sp"):
             # stage 1 finished in an earlier process: its final EMA is in its checkpoint
             emas["mse"] = None
@@ -596,8 +680,12 @@ class Trainer:
         if not self.is_main:
             return
         summary = {"run_dir": str(self.run_dir), "stages": [asdict(s) for s in result.stages],
-                   "num_processes": self.accelerator.num_processes, "sharded": self.fsdp}
-        summary["weight_digest" if self.fsdp else "weight_digests_per_process"] = digests[0] if self.fsdp else digests
+                   "num_processes": self.accelerator.num_processes, "sharded": self.collective_state,
+                   "engine": "fsdp" if self.fsdp else "deepspeed" if self.deepspeed else "ddp"}
+        if self.collective_state:
+            summary["weight_digest"] = digests[0]
+        else:
+            summary["weight_digests_per_process"] = digests
         if len({json.dumps(d, sort_keys=True) for d in digests}) > 1:
             log.error("processes ended with different weights: %s", digests)
         if rows:

@@ -3,7 +3,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PD_VENV:-$ROOT/.venv}"
-EXTRAS="${PD_EXTRAS:-test,sd}"
+EXTRAS="${PD_EXTRAS:-test,sd,deepspeed}"
 CONSTRAINTS="${PD_CONSTRAINTS:-$ROOT/constraints/cpu.txt}"
 if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV"

@@ -4,8 +4,15 @@ OUT/a, and the same run stopped twice (global steps 2 and 5) and resumed into OU
     python dist_driver.py RECIPE OUT [a.b=value ...]
 """
 
+import importlib
+import os
 import sys
 from pathlib import Path
+
+if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    # DeepSpeed compiles a shared-memory all-reduce op for inference at start-up (1-2 minutes on
+    # a fresh machine); training never uses it, so the tests skip the build
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 from perceptual_diffusion.config import load_recipe
 from perceptual_diffusion.trainer import Trainer

@@ -1,6 +1,8 @@
 """Several processes on CPU (gloo) through `accelerate launch`: DDP keeps every replica equal;
-FSDP (train.fsdp) shards the online net, its EMA and the optimizer, saves full checkpoints,
-resumes bit for bit, and trains what DDP trains; shard units and sharding helpers."""
+FSDP (train.fsdp) shards the online net, its EMA and the optimizer, and DeepSpeed ZeRO-2 (the
+shipped recipes/accelerate/deepspeed_zero2.yaml) partitions gradients and optimizer state; both
+save full checkpoints that resume bit for bit and in one process, and train what DDP trains.
+Shard units, sharding helpers and the checks of the accelerate configs."""
 
 import json
 import os
@@ -48,13 +50,14 @@ sample_steps = 3
 """
 
 
-def _launch(tmp_path, *args, port_offset=0):
+def _launch(*args, config=None, port_offset=0):
+    """`accelerate launch` 2 processes (DDP, or the accelerate `config` file) running `args`."""
     port = str(29600 + (os.getpid() + port_offset) % 900)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    how = ["--config_file", str(config)] if config else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
     return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-         *map(str, args)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+        [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--mixed_precision", "no",
+         "--main_process_port", port, *map(str, args)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +67,22 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     recipe = tmp / "r.toml"
     recipe.write_text(RECIPE)
-    ddp = _launch(tmp, "-m", "perceptual_diffusion.cli", "train", recipe, "--out", tmp / "ddp", "--no-progress")
+    ddp = _launch("-m", "perceptual_diffusion.cli", "train", recipe, "--out", tmp / "ddp", "--no-progress")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    fsdp = _launch(tmp, ROOT / "tests" / "dist_driver.py", recipe, tmp / "fsdp", "train.fsdp=true", port_offset=1)
+    fsdp = _launch(ROOT / "tests" / "dist_driver.py", recipe, tmp / "fsdp", "train.fsdp=true", port_offset=1)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     return tmp
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(runs):
+    """tests/dist_driver.py under the shipped ZeRO-2 config: straight through (deepspeed/a) and
+    stopped at global steps 2 and 5 and resumed (deepspeed/b)."""
+    pytest.importorskip("deepspeed")
+    proc = _launch(ROOT / "tests" / "dist_driver.py", runs / "r.toml", runs / "deepspeed",
+                   config=ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml", port_offset=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs / "deepspeed"
 
 
 def _final(run_dir):
@@ -104,16 +118,37 @@ def test_fsdp_checkpoints_hold_full_weights_and_resume_bit_for_bit(runs):
     assert Path(summary["mse_vs_sp"]).is_file()  # stage 1 from its checkpoint, stage 2 sharded
 
 
-def test_fsdp_trains_what_ddp_trains(runs):
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_sharded_engines_train_what_ddp_trains(engine, runs, request):
     """Same data split, same RNG streams: only the order of floating-point sums differs."""
-    ddp, fsdp = _final(runs / "ddp"), _final(runs / "fsdp" / "a")
+    if engine == "deepspeed":
+        request.getfixturevalue("deepspeed_runs")
+    ddp, other = _final(runs / "ddp"), _final(runs / engine / "a")
     for name in ("model", "ema", "perceptual"):
         for key, value in ddp.weights[name].items():
-            torch.testing.assert_close(fsdp.weights[name][key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+            torch.testing.assert_close(other.weights[name][key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+    for key, state in ddp.state["optimizer"]["state"].items():  # the same Adam moments, by name
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(other.state["optimizer"]["state"][key][field], state[field],
+                                       rtol=1e-3, atol=1e-8, msg=f"{key} {field}")
     losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-              for run in (runs / "ddp", runs / "fsdp" / "a")]
+              for run in (runs / "ddp", runs / engine / "a")]
     assert len(losses[0]) == len(losses[1]) == 7
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_deepspeed_resumes_bit_for_bit(deepspeed_runs):
+    a, b = _final(deepspeed_runs / "a"), _final(deepspeed_runs / "b")
+    assert set(a.weights) == {"model", "ema", "perceptual"}
+    for name in a.weights:
+        assert {v.dtype for v in a.weights[name].values()} == {torch.float32}
+        assert all(torch.equal(a.weights[name][k], b.weights[name][k]) for k in a.weights[name]), name
+    for key, state in a.state["optimizer"]["state"].items():
+        assert int(state["step"]) == 3
+        assert all(torch.equal(v, b.state["optimizer"]["state"][key][f]) for f, v in state.items()), key
+    summary = json.loads((deepspeed_runs / "b" / "summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["sharded"] is True
+    assert Path(summary["mse_vs_sp"]).is_file()
 
 
 # ---------------------------------------------------------------------------- in one process
@@ -233,7 +268,7 @@ def _train(**fields):
     return TrainConfig(**fields)
 
 
-def test_fsdp_plan_refuses_fsdp1_fp16_and_deepspeed_and_reads_unit_names(tmp_path, monkeypatch):
+def test_fsdp_plan_refuses_fsdp1_and_fp16_and_reads_unit_names(tmp_path, monkeypatch):
     from accelerate.utils import DistributedType
 
     from perceptual_diffusion.trainer import sharding_plan
@@ -255,20 +290,48 @@ def test_fsdp_plan_refuses_fsdp1_fp16_and_deepspeed_and_reads_unit_names(tmp_pat
         True, {"class_names": ["ResBlock"], "reshard_after_forward": False})
     acc.num_processes = 1  # nothing to shard: plain training
     assert sharding_plan(acc, _train()) == (False, {})
-    acc.distributed_type = DistributedType.DEEPSPEED
-    with pytest.raises(RecipeError, match="DEEPSPEED is not supported; use DDP or FSDP"):
-        sharding_plan(acc, _train())
+    acc.distributed_type = DistributedType.DEEPSPEED  # DeepSpeed shards itself
+    assert sharding_plan(acc, _train()) == (False, {})
+    with pytest.raises(RecipeError, match="exclude each other"):
+        sharding_plan(acc, _train(fsdp=True))
 
 
-def test_a_checkpoint_saved_under_fsdp_resumes_in_one_process(runs, tmp_path, caplog):
-    """Full tensors and optimizer state keyed by name: the FSDP run's mid-SP checkpoint (global
-    step 5) continues in one unsharded process, Adam moments included."""
+def test_deepspeed_plan_accepts_zero_0_to_2_and_refuses_what_it_cannot_honour():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from perceptual_diffusion.trainer import deepspeed_plan
+
+    def acc(**zero):
+        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2, **zero}})
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert not deepspeed_plan(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), _train())
+    for stage in (0, 1, 2):
+        assert deepspeed_plan(acc(stage=stage, offload_optimizer={"device": "none"}), _train(mixed_precision="bf16"))
+    with pytest.raises(RecipeError, match="ZeRO stage 3 is not supported.*FSDP"):
+        deepspeed_plan(acc(stage=3), _train())
+    with pytest.raises(RecipeError, match="offload_optimizer is not supported"):
+        deepspeed_plan(acc(offload_optimizer={"device": "cpu"}), _train())
+    with pytest.raises(RecipeError, match="not 'fp16'"):
+        deepspeed_plan(acc(), _train(mixed_precision="fp16"))
+    with pytest.raises(RecipeError, match="nonfinite = 'skip'"):
+        deepspeed_plan(acc(), _train(nonfinite="skip"))
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_a_checkpoint_saved_sharded_resumes_in_one_process(engine, runs, tmp_path, caplog, request):
+    """Full tensors and optimizer state keyed by name: the FSDP / DeepSpeed run's mid-SP checkpoint
+    (global step 5) continues in one unsharded process, Adam moments included."""
     import shutil
 
     from perceptual_diffusion.trainer import Trainer
 
+    if engine == "deepspeed":
+        request.getfixturevalue("deepspeed_runs")
     run = tmp_path / "run"
-    shutil.copytree(runs / "fsdp" / "b", run)
+    shutil.copytree(runs / engine / "b", run)
     shutil.rmtree(run / "checkpoints" / "step-0000007")
     saved = load_checkpoint(latest_checkpoint(run))
     assert saved.step == 5
