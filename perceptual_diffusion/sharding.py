@@ -10,9 +10,9 @@ all-gathered just before it runs and freed after, gradients are reduce-scattered
 stay in float32 and autocast does the mixed-precision compute, so a sharded run computes what
 a DDP run computes (up to the order of floating-point sums).
 
-Under DeepSpeed ZeRO (stages 0-2; the trainer refuses 3) the engine owns the sharding; `full_state_dict`,
-`optimizer_state` and `load_deepspeed_state` read and write its float32 master weights and Adam
-moments parameter by parameter (collectives), in the same format.
+Under DeepSpeed ZeRO (stages 1 and 2; the trainer refuses 0 and 3) the engine owns the
+partitioning; `full_state_dict`, `optimizer_state` and `load_deepspeed_state` read and write its
+float32 master weights and Adam moments parameter by parameter (collectives), in the same format.
 
 Checkpoints hold full (unsharded) tensors, with optimizer state keyed by parameter name, so a
 run saved by one process, by DDP, by FSDP or by DeepSpeed resumes under any of them.

@@ -4,7 +4,7 @@ Stage "mse" trains v-prediction MSE (eq. 5) with conditional dropout; stage "sp"
 the stage-1 checkpoint, freezes a copy of it as the perceptual network (EMA weights by
 default) and trains the self-perceptual objective (eq. 12). The same code runs on one CPU, one
 GPU, or many processes under `accelerate launch` / torchrun: DDP, FSDP2 (`train.fsdp` or an
-accelerate FSDP config) or DeepSpeed ZeRO 0-2 (an accelerate DeepSpeed config).
+accelerate FSDP config) or DeepSpeed ZeRO-1/2 (an accelerate DeepSpeed config).
 
 Nothing is lost on a fault: checkpoints are atomic and hold every state needed for an exact
 resume (weights, EMA, optimizer, LR schedule, grad scaler, every process's RNG, the data
@@ -228,7 +228,8 @@ def sharding_plan(accelerator: Accelerator, train: TrainConfig) -> tuple[bool, d
 
 def deepspeed_plan(accelerator: Accelerator, train: TrainConfig) -> bool:
     """Whether accelerate runs DeepSpeed, after checking what this trainer supports of it: ZeRO
-    stages 0-2 without offloading, mixed precision 'no' or 'bf16', train.nonfinite = 'stop'.
+    stages 1 and 2 without offloading, mixed precision 'no' or 'bf16', train.nonfinite = 'stop'.
+    Stage 0 (no partitioning) is DDP: recipes/accelerate/ddp_1node.yaml.
 
     Stage 3 is refused: DeepSpeed (0.19) cannot write a full tensor back into a ZeRO-3 partition
     when its size is not a multiple of the process count, so a resume could not be exact; FSDP
@@ -238,9 +239,9 @@ def deepspeed_plan(accelerator: Accelerator, train: TrainConfig) -> bool:
     plugin = accelerator.state.deepspeed_plugin
     config = plugin.deepspeed_config
     zero = config.get("zero_optimization", {})
-    if zero.get("stage", 0) not in (0, 1, 2):
-        raise RecipeError(f"DeepSpeed ZeRO stage {zero.get('stage')!r} is not supported: use stage 0-2, or FSDP "
-                          "(recipes/accelerate/fsdp_1node.yaml) to shard the weights as ZeRO-3 would")
+    if zero.get("stage", 0) not in (1, 2):
+        raise RecipeError(f"DeepSpeed ZeRO stage {zero.get('stage')!r} is not supported: use stage 1 or 2, DDP "
+                          "for stage 0 (ddp_1node.yaml), or FSDP (fsdp_1node.yaml) to shard the weights as ZeRO-3 would")
     offload = [k for k in ("offload_optimizer", "offload_param")
                if str(zero.get(k, {}).get("device", "none")).lower() not in ("none", "auto")]
     if offload:
@@ -584,7 +585,10 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                 lr_sched.step()
                 online = acc.unwrap_model(model)
-                ema.update(online, full_fp32_params(online) if self.deepspeed else None)
+                # a bf16 DeepSpeed engine keeps its float32 weights in the ZeRO partitions (gathered
+                # here); in float32 the module's own weights are those masters
+                masters = self.deepspeed and next(online.parameters()).dtype != torch.float32
+                ema.update(online, full_fp32_params(online) if masters else None)
                 window.append(loss_mean.item())
             step += 1
             bar.update(1)

@@ -50,13 +50,13 @@ sample_steps = 3
 """
 
 
-def _launch(*args, config=None, port_offset=0):
+def _launch(*args, config=None, port_offset=0, precision="no"):
     """`accelerate launch` 2 processes (DDP, or the accelerate `config` file) running `args`."""
     port = str(29600 + (os.getpid() + port_offset) % 900)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     how = ["--config_file", str(config)] if config else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
     return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--mixed_precision", "no",
+        [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--mixed_precision", precision,
          "--main_process_port", port, *map(str, args)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
 
 
@@ -296,7 +296,7 @@ def test_fsdp_plan_refuses_fsdp1_and_fp16_and_reads_unit_names(tmp_path, monkeyp
         sharding_plan(acc, _train(fsdp=True))
 
 
-def test_deepspeed_plan_accepts_zero_0_to_2_and_refuses_what_it_cannot_honour():
+def test_deepspeed_plan_accepts_zero_1_and_2_and_refuses_what_it_cannot_honour():
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -308,16 +308,36 @@ def test_deepspeed_plan_accepts_zero_0_to_2_and_refuses_what_it_cannot_honour():
         return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
 
     assert not deepspeed_plan(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), _train())
-    for stage in (0, 1, 2):
+    for stage in (1, 2):
         assert deepspeed_plan(acc(stage=stage, offload_optimizer={"device": "none"}), _train(mixed_precision="bf16"))
-    with pytest.raises(RecipeError, match="ZeRO stage 3 is not supported.*FSDP"):
-        deepspeed_plan(acc(stage=3), _train())
+    for stage in (0, 3):
+        with pytest.raises(RecipeError, match=f"ZeRO stage {stage} is not supported.*DDP.*FSDP"):
+            deepspeed_plan(acc(stage=stage), _train())
     with pytest.raises(RecipeError, match="offload_optimizer is not supported"):
         deepspeed_plan(acc(offload_optimizer={"device": "cpu"}), _train())
     with pytest.raises(RecipeError, match="not 'fp16'"):
         deepspeed_plan(acc(), _train(mixed_precision="fp16"))
     with pytest.raises(RecipeError, match="nonfinite = 'skip'"):
         deepspeed_plan(acc(), _train(nonfinite="skip"))
+
+
+@pytest.mark.slow
+def test_deepspeed_in_bf16_keeps_float32_masters_and_resumes_bit_for_bit(runs, tmp_path):
+    """A bf16 engine computes with bf16 weights; the EMA and the checkpoints come from the float32
+    masters in the ZeRO partitions, and a resume restores them exactly."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "bf16"
+    proc = _launch(ROOT / "tests" / "dist_driver.py", runs / "r.toml", out, "train.mixed_precision='bf16'",
+                   config=ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml", port_offset=3, precision="bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _final(out / "a"), _final(out / "b")
+    assert {v.dtype for v in a.weights["model"].values()} == {v.dtype for v in a.weights["ema"].values()} == {
+        torch.float32}
+    for name in a.weights:
+        assert all(torch.equal(a.weights[name][k], b.weights[name][k]) for k in a.weights[name]), name
+    # float32 masters, not bf16 values widened: most weights are not representable in bf16
+    w = torch.cat([v.flatten() for v in a.weights["model"].values()])
+    assert (w.bfloat16().float() != w).float().mean() > 0.5
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
