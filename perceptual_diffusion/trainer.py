@@ -485,8 +485,9 @@ class Trainer:
             recipe.seed * 1_000_003 + 7919 * acc.process_index + (stage == "sp"))
 
         world, rank = acc.num_processes, acc.process_index
-        log.info("stage %s: effective batch %d = %d per process x %d accumulation steps x %d processes", stage,
-                 cfg.batch_size * cfg.grad_accum * world, cfg.batch_size, cfg.grad_accum, world)
+        engine = "FSDP" if self.fsdp else "DeepSpeed" if self.deepspeed else "DDP" if world > 1 else "one process"
+        log.info("stage %s (%s): effective batch %d = %d per process x %d accumulation steps x %d processes", stage,
+                 engine, cfg.batch_size * cfg.grad_accum * world, cfg.batch_size, cfg.grad_accum, world)
         pos = state.get("data_position", (0, 0))
         sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, seed=recipe.seed + (stage == "sp"),
                                         rank=rank, world_size=world, epoch=pos[0], batch_in_epoch=pos[1])
