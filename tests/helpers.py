@@ -1,6 +1,12 @@
-"""Small rank-generic denoisers for tests of the objectives (any of 1-D, 2-D, 3-D data)."""
+"""Small rank-generic denoisers for tests of the objectives (any of 1-D, 2-D, 3-D data), and a
+launcher for tests that run 2 processes through `accelerate launch`."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,3 +54,17 @@ class TinyConvDenoiser(TappedDenoiser):
 
     def null_cond(self, cond):
         return torch.full_like(cond, self.num_classes)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def accelerate_launch(*args, config=None, port_offset: int = 0, precision: str = "no") -> subprocess.CompletedProcess:
+    """`accelerate launch` 2 CPU processes (gloo) running `args` from the repository root: DDP, or
+    what the accelerate `config` file says. Each process gets one thread."""
+    port = str(29600 + (os.getpid() + port_offset) % 900)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    how = ["--config_file", str(config)] if config else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--mixed_precision", precision,
+         "--main_process_port", port, *map(str, args)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)

@@ -250,3 +250,24 @@ def test_wrong_conditions_raise(name):
     with pytest.raises(ValueError, match="3 class labels for a batch of 2"):
         net(x, t, torch.tensor([1, 2, 3]))
     assert plain.null_cond(None) is None
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_eval_is_deterministic_and_train_mode_applies_dropout(name):
+    net, x, t = _own(name, dropout=0.3)
+    assert torch.equal(net(x, t), net(x, t))
+    net.train()
+    assert not torch.equal(net(x, t), net(x, t))
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_a_bfloat16_copy_accepts_float32_inputs(name):
+    net, x, t = _own(name, num_classes=10)
+    y = torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = net(x, t, y)
+        half = make_perceptual(net, dtype=torch.bfloat16)  # how the trainer stores the frozen copy
+        v = half(x, t, y)
+        assert v.dtype == torch.float32
+        assert (v - ref).abs().amax() < 0.05 * ref.abs().amax() + 0.05
+        assert half.forward_features(x, t, y, layers="mid")["mid"].dtype == torch.bfloat16

@@ -5,9 +5,6 @@ save full checkpoints that resume bit for bit and in one process, and train what
 Shard units, sharding helpers and the checks of the accelerate configs."""
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -18,6 +15,8 @@ from backbones import build_backbone
 from perceptual_diffusion.checkpoint import latest_checkpoint, load_checkpoint
 from perceptual_diffusion.config import RecipeError, load_recipe, recipe_from_dict
 from perceptual_diffusion.sharding import load_optimizer_state, optimizer_state, shard, shard_units
+
+from helpers import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = """
@@ -50,16 +49,6 @@ sample_steps = 3
 """
 
 
-def _launch(*args, config=None, port_offset=0, precision="no"):
-    """`accelerate launch` 2 processes (DDP, or the accelerate `config` file) running `args`."""
-    port = str(29600 + (os.getpid() + port_offset) % 900)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    how = ["--config_file", str(config)] if config else ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
-    return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2", "--mixed_precision", precision,
-         "--main_process_port", port, *map(str, args)], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One DDP run through the CLI and, through tests/dist_driver.py, an FSDP run straight through
@@ -67,9 +56,9 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     recipe = tmp / "r.toml"
     recipe.write_text(RECIPE)
-    ddp = _launch("-m", "perceptual_diffusion.cli", "train", recipe, "--out", tmp / "ddp", "--no-progress")
+    ddp = accelerate_launch("-m", "perceptual_diffusion.cli", "train", recipe, "--out", tmp / "ddp", "--no-progress")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    fsdp = _launch(ROOT / "tests" / "dist_driver.py", recipe, tmp / "fsdp", "train.fsdp=true", port_offset=1)
+    fsdp = accelerate_launch(ROOT / "tests" / "dist_driver.py", recipe, tmp / "fsdp", "train.fsdp=true", port_offset=1)
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     return tmp
 
@@ -79,7 +68,7 @@ def deepspeed_runs(runs):
     """tests/dist_driver.py under the shipped ZeRO-2 config: straight through (deepspeed/a) and
     stopped at global steps 2 and 5 and resumed (deepspeed/b)."""
     pytest.importorskip("deepspeed")
-    proc = _launch(ROOT / "tests" / "dist_driver.py", runs / "r.toml", runs / "deepspeed",
+    proc = accelerate_launch(ROOT / "tests" / "dist_driver.py", runs / "r.toml", runs / "deepspeed",
                    config=ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml", port_offset=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs / "deepspeed"
@@ -327,7 +316,7 @@ def test_deepspeed_in_bf16_keeps_float32_masters_and_resumes_bit_for_bit(runs, t
     masters in the ZeRO partitions, and a resume restores them exactly."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "bf16"
-    proc = _launch(ROOT / "tests" / "dist_driver.py", runs / "r.toml", out, "train.mixed_precision='bf16'",
+    proc = accelerate_launch(ROOT / "tests" / "dist_driver.py", runs / "r.toml", out, "train.mixed_precision='bf16'",
                    config=ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml", port_offset=3, precision="bf16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _final(out / "a"), _final(out / "b")

@@ -21,6 +21,7 @@ from perceptual_diffusion.config import RecipeError, load_recipe  # noqa: E402
 from perceptual_diffusion.datasets.shards import write_shards  # noqa: E402
 from perceptual_diffusion.trainer import Trainer, final_checkpoint  # noqa: E402
 
+from helpers import accelerate_launch  # noqa: E402
 from sd_tiny import tiny_pipeline, write_tokenizer_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,23 +175,15 @@ def test_two_process_fsdp_on_the_sd_unet_exports_a_pipeline(sd_world, tmp_path):
     """sd21_t2i_mse then SP under FSDP over gloo, in bf16 as the recipes run: the diffusers UNet
     sharded by its ResnetBlock2D / Transformer2DModel blocks, full float32 checkpoints (with the
     null context), a bf16 perceptual copy, and an export that loads."""
-    import os
-    import subprocess
-    import sys
-
     from diffusers import UNet2DConditionModel
 
     model_dir, shards = sd_world
     run = tmp_path / "fsdp"
     overrides = _overrides(model_dir, shards) + _stage("mse") + _stage("sp") + [
         "train.stages=['mse', 'sp']", "train.fsdp=true", "train.sample_every=0", "train.mixed_precision='bf16'"]
-    port = str(29400 + os.getpid() % 900)
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-         "-m", "perceptual_diffusion.cli", "train", str(ROOT / "recipes/image/sd21_t2i_mse.toml"), "--out", str(run),
-         "--no-progress", *[arg for o in overrides for arg in ("--set", o)]],
-        capture_output=True, text=True, timeout=400, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = accelerate_launch("-m", "perceptual_diffusion.cli", "train", ROOT / "recipes/image/sd21_t2i_mse.toml",
+                             "--out", run, "--no-progress", *[arg for o in overrides for arg in ("--set", o)],
+                             port_offset=450)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sharded"] and set(summary["weight_digest"]) == {"mse", "sp"}
