@@ -30,6 +30,8 @@ from torch import Tensor
 
 from perceptual_diffusion.denoiser import TappedDenoiser
 
+from .layers import ATTENTION_BACKENDS, check_attention_backend
+
 try:
     from diffusers import DDIMScheduler, UNet2DConditionModel
 except ImportError as e:  # pragma: no cover - exercised only without the `sd` extra
@@ -47,7 +49,7 @@ SUPPORTED_BLOCKS = {
 }
 
 # Adapter options accepted next to UNet config fields (the trainer passes the first two).
-_ADAPTER_KW = ("in_channels", "num_classes", "gradient_checkpointing")
+_ADAPTER_KW = ("in_channels", "num_classes", "gradient_checkpointing", "attention_backend")
 
 
 def _unet_fields() -> frozenset[str]:
@@ -64,6 +66,9 @@ class DiffusersUNet(TappedDenoiser):
             data's channel count).
         num_classes: must be None; SD UNets are conditioned on text, not labels.
         gradient_checkpointing: turn on diffusers' per-block activation checkpointing.
+        attention_backend: "sdpa" (diffusers' default processors, torch SDPA) or "xformers"
+            (diffusers' own switch, `enable_xformers_memory_efficient_attention`; CUDA only:
+            refused with one line where it cannot run, never a silent fallback).
 
     `cond` is the text context [N x L x D] (the text encoder's last hidden state, used as
     encoder_hidden_states) or None, meaning the stored null context (`set_null_context`).
@@ -123,6 +128,7 @@ class DiffusersUNet(TappedDenoiser):
         in_channels: int | None = None,
         num_classes: int | None = None,
         gradient_checkpointing: bool = False,
+        attention_backend: str = "sdpa",
     ):
         super().__init__()
         if not isinstance(unet, UNet2DConditionModel):
@@ -139,6 +145,13 @@ class DiffusersUNet(TappedDenoiser):
                 f"num_classes={num_classes!r}: DiffusersUNet is conditioned on text contexts, not class "
                 "labels; use num_classes=None"
             )
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention_backend {attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+        if attention_backend == "xformers":
+            # diffusers' switch test-runs a CUDA kernel: without CUDA, refuse in the library's words
+            check_attention_backend("xformers", "cuda" if torch.cuda.is_available() else "cpu")
+            unet.enable_xformers_memory_efficient_attention()
+        self.attention_backend = attention_backend  # read by check_attention_backends
         self.unet = unet
         self._checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
@@ -177,7 +190,7 @@ class DiffusersUNet(TappedDenoiser):
         """Load ``UNet2DConditionModel.from_pretrained(path_or_hub_id, subfolder=...)``.
 
         A local directory, or a hub id when the machine can reach the hub. Keyword arguments
-        named in_channels / num_classes / gradient_checkpointing go to the adapter, the rest
+        named in_channels / num_classes / gradient_checkpointing / attention_backend go to the adapter, the rest
         (torch_dtype, variant, ...) to diffusers.
         """
         adapter = {k: kw.pop(k) for k in _ADAPTER_KW if k in kw}
@@ -187,7 +200,8 @@ class DiffusersUNet(TappedDenoiser):
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **kw: Any) -> DiffusersUNet:
         """A freshly initialised UNet from a `UNet2DConditionModel` config dict (e.g. a config.json);
-        `kw` are the adapter options (in_channels, num_classes, gradient_checkpointing)."""
+        `kw` are the adapter options (in_channels, num_classes, gradient_checkpointing,
+        attention_backend)."""
         cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # "_class_name", ...
         unknown = sorted(set(cfg) - _unet_fields())
         if unknown:
@@ -200,7 +214,8 @@ class DiffusersUNet(TappedDenoiser):
         fields replaced by `overrides`.
 
         `in_channels` sets the UNet's in_channels (and out_channels unless that is given too);
-        `num_classes` must be None; `gradient_checkpointing` is an adapter option.
+        `num_classes` must be None; `gradient_checkpointing` and `attention_backend` are adapter
+        options.
         """
         if name not in cls.PRESETS:
             raise ValueError(f"unknown DiffusersUNet preset {name!r}; presets: {', '.join(cls.PRESETS)}")
@@ -210,7 +225,9 @@ class DiffusersUNet(TappedDenoiser):
                 "not class labels; use num_classes=None"
             )
         overrides.pop("num_classes", None)
-        gc = bool(overrides.pop("gradient_checkpointing", False))
+        adapter = {"gradient_checkpointing": bool(overrides.pop("gradient_checkpointing", False))}
+        if "attention_backend" in overrides:
+            adapter["attention_backend"] = overrides.pop("attention_backend")
         fields = _unet_fields()
         unknown = sorted(set(overrides) - fields)
         if unknown:
@@ -221,7 +238,7 @@ class DiffusersUNet(TappedDenoiser):
         cfg = {**cls.PRESETS[name], **overrides}
         if "in_channels" in overrides and "out_channels" not in overrides:
             cfg["out_channels"] = overrides["in_channels"]
-        return cls.from_config(cfg, gradient_checkpointing=gc)
+        return cls.from_config(cfg, **adapter)
 
     # ------------------------------------------------------------------ null context
     def set_null_context(self, context: Tensor) -> None:

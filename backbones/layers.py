@@ -24,6 +24,8 @@ __all__ = [
     "MultiHeadAttention",
     "AttentionBlock",
     "ATTENTION_BACKENDS",
+    "check_attention_backend",
+    "check_attention_backends",
 ]
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
@@ -127,20 +129,51 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+def _xformers_ops():
+    try:
+        import xformers.ops as xops
+    except ImportError as e:
+        raise ImportError("attention_backend='xformers' needs the xformers package: pip install -e "
+                          "'.[xformers]' (or use attention_backend='sdpa', the default)") from e
+    return xops
+
+
+def check_attention_backend(backend: str, device: torch.device | str) -> None:
+    """Refuse, with one line naming the option, an attention backend that cannot run on `device`:
+    an unknown name (ValueError), xformers without its package (ImportError) or off CUDA
+    (ValueError: xformers has no CPU kernels). Never falls back to another backend."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention_backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if backend == "xformers":
+        _xformers_ops()
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"attention_backend='xformers' cannot run on {torch.device(device).type}: "
+                             "xformers has CUDA kernels only; use attention_backend='sdpa' (the default) "
+                             "or a CUDA device")
+
+
+def check_attention_backends(model: nn.Module, device: torch.device | str) -> set[str]:
+    """`check_attention_backend` for every backend that a module of `model` uses (any module
+    with an `attention_backend` attribute); returns the set of backends found."""
+    found = {b for m in model.modules() if isinstance(b := getattr(m, "attention_backend", None), str)}
+    for backend in sorted(found):
+        check_attention_backend(backend, device)
+    return found
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
-    """Softmax attention on (B, heads, L, head_dim) tensors; returns (B, heads, Lq, head_dim)."""
+    """Softmax attention on (B, heads, L, head_dim) tensors; returns (B, heads, Lq, head_dim).
+
+    "sdpa": torch's scaled_dot_product_attention (picks flash / memory-efficient / math kernels
+    itself); "xformers": xformers' memory_efficient_attention, CUDA tensors only.
+    """
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "xformers":
-        try:
-            import xformers.ops as xops
-        except ImportError as e:
-            raise ImportError(
-                'attention backend "xformers" needs the xformers package (pip install xformers); '
-                'use backend="sdpa" otherwise'
-            ) from e
+        check_attention_backend(backend, q.device)
         # xformers takes (B, L, heads, head_dim)
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = _xformers_ops().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                         v.transpose(1, 2))
         return out.transpose(1, 2)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
@@ -151,7 +184,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, ch: int, heads: int, context_dim: int | None, backend: str):
         super().__init__()
         self.heads = heads
-        self.backend = backend
+        self.attention_backend = backend
         self.to_q = nn.Linear(ch, ch, bias=False)
         self.to_kv = nn.Linear(context_dim or ch, 2 * ch, bias=False)
         self.to_out = nn.Linear(ch, ch)
@@ -163,7 +196,7 @@ class MultiHeadAttention(nn.Module):
         def split(a: Tensor) -> Tensor:  # (N, L, ch) -> (N, heads, L, ch / heads)
             return a.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        out = attention(split(self.to_q(x)), split(k), split(v), self.backend)
+        out = attention(split(self.to_q(x)), split(k), split(v), self.attention_backend)
         return self.to_out(out.transpose(1, 2).reshape(n, length, ch))
 
 

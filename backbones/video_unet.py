@@ -155,7 +155,7 @@ class TemporalAttention(nn.Module):
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         self.heads = num_heads
-        self.backend = backend
+        self.attention_backend = backend
         self.norm = nn.GroupNorm(groups, ch)
         self.frame_pos = nn.Linear(ch, ch)
         self.to_qkv = nn.Linear(ch, 3 * ch, bias=False)
@@ -170,7 +170,7 @@ class TemporalAttention(nn.Module):
         index = torch.arange(frames, device=x.device)
         h = h + self.frame_pos(timestep_embedding(index, ch).to(h.dtype))
         q, k, v = (a.unflatten(-1, (self.heads, -1)).transpose(1, 2) for a in self.to_qkv(h).chunk(3, dim=-1))
-        h = h + self.to_out(attention(q, k, v, self.backend).transpose(1, 2).flatten(2))
+        h = h + self.to_out(attention(q, k, v, self.attention_backend).transpose(1, 2).flatten(2))
         h = h + self.ff(self.norm_ff(h))
         h = self.proj_out(h).reshape(n, height, width, frames, ch).permute(0, 4, 3, 1, 2)
         return x + h

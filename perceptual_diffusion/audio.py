@@ -1,5 +1,5 @@
 """Turning audio tensors into files a person can open: 16-bit WAV (stdlib `wave`, no extra
-dependency) and spectrogram PNGs.
+dependency) and spectrogram PNGs (torchaudio spectrograms).
 
     save_wav(x, "samples.wav", 8000)            # [N x C x L] clips, short silences between
     x, sr = read_wav("samples.wav")             # [C x L] float32
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchaudio.functional as AF
 from PIL import Image
 from torch import Tensor
 
@@ -80,9 +81,10 @@ def spectrogram(x: Tensor, n_fft: int = 256, hop: int = 64, amin: float = 1e-5) 
     """Log-magnitude spectrogram [F x T] in dB (F = n_fft // 2 + 1 bins of sample_rate / n_fft
     Hz from 0 Hz up, T = L // hop + 1 frames) of audio [L] or [C x L] (channels averaged).
 
-    Hann window, frames centred on multiples of `hop` (zero-padded at the ends). Magnitudes
-    are scaled by 2 / sum(window), so a sine of amplitude A at a bin's centre frequency reads
-    20 log10(A) dB there; below `amin` reads 20 log10(amin) (-100 dB).
+    torchaudio's spectrogram with a Hann window, frames centred on multiples of `hop`
+    (zero-padded at the ends). Magnitudes are scaled by 2 / sum(window), so a sine of amplitude
+    A at a bin's centre frequency reads 20 log10(A) dB there; below `amin` reads 20 log10(amin)
+    (-100 dB).
     """
     x = torch.as_tensor(x).detach()
     if x.ndim == 2:
@@ -92,10 +94,10 @@ def spectrogram(x: Tensor, n_fft: int = 256, hop: int = 64, amin: float = 1e-5) 
     if n_fft < 2 or hop < 1:
         raise ValueError(f"spectrogram: need n_fft >= 2 and hop >= 1, got {n_fft}, {hop}")
     window = torch.hann_window(n_fft, dtype=torch.float64)
-    spec = torch.stft(x.cpu().double(), n_fft, hop_length=hop, window=window, center=True,
-                      pad_mode="constant", return_complex=True)
-    mag = spec.abs() * (2 / window.sum())
-    return (20 * torch.log10(mag.clamp_min(amin))).float()
+    mag = AF.spectrogram(x.cpu().double(), pad=0, window=window, n_fft=n_fft, hop_length=hop,
+                         win_length=n_fft, power=1.0, normalized=False, center=True,
+                         pad_mode="constant")
+    return AF.amplitude_to_DB(mag * (2 / window.sum()), 20.0, amin, 0.0).float()
 
 
 def colorize(values: np.ndarray) -> np.ndarray:

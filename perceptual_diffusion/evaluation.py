@@ -19,7 +19,8 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Recipe, RecipeError, recipe_from_dict
 from .datasets import build_dataset, modality, num_classes
 from .sampling import ddim_sample
-from .trainer import build_latent, build_model, build_schedule, model_input_shape, run_info
+from .trainer import (build_latent, build_model, build_schedule, check_device_support, model_input_shape,
+                      run_info)
 
 __all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "METRICS", "METRIC_MODALITY"]
 
@@ -54,6 +55,7 @@ def load_model(checkpoint: str | Path, weights: str = "ema", device: str | torch
     recipe = recipe_from_dict(run_info(ck.meta)["recipe"], check_paths=False)
     model = build_model(recipe, pretrained_weights=False)  # the checkpoint holds the weights
     model.load_state_dict(ck.weights[weights])
+    check_device_support(model, device)
     return LoadedModel(model.to(device).eval(), recipe, path, weights, build_latent(recipe, device))
 
 

@@ -8,34 +8,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from torchvision.utils import make_grid as tv_make_grid
 
 __all__ = ["to_uint8", "make_grid", "save_grid", "save_frame_strip", "save_gif"]
 
 
+def _uint8(x: Tensor) -> Tensor:
+    """[N x C x H x W] in [-1, 1] -> uint8 [N x C x H x W] on the CPU."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
 def to_uint8(x: Tensor) -> np.ndarray:
     """[N x C x H x W] in [-1, 1] -> uint8 array (N, H, W, C)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return _uint8(x).permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(x: Tensor, nrow: int | None = None, pad: int = 1, scale: int = 1) -> np.ndarray:
-    """Tile [N x C x H x W] images in [-1, 1] into one uint8 (H', W', C) array, `nrow` per row,
-    each image upscaled `scale` times (nearest) so small samples are visible."""
+    """Tile [N x C x H x W] images in [-1, 1] into one uint8 (H', W', C) array with
+    torchvision's `make_grid`: min(nrow, N) per row (default ceil(sqrt(N))), `pad` white pixels
+    between and around the tiles, each image upscaled `scale` times (nearest) so small samples
+    are visible."""
     if x.ndim != 4:
         raise ValueError(f"make_grid needs [N x C x H x W], got shape {tuple(x.shape)}")
-    imgs = to_uint8(x)
+    imgs = _uint8(x)
     if scale > 1:
-        imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
-    n, h, w, c = imgs.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = imgs[i]
-    return grid
+        imgs = imgs.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    if imgs.shape[0] == 1:  # torchvision returns a lone image unpadded
+        grid = F.pad(imgs[0], (pad, pad, pad, pad), value=255)
+    else:
+        grid = tv_make_grid(imgs, nrow=nrow or math.ceil(math.sqrt(imgs.shape[0])), padding=pad,
+                            pad_value=255)
+    # torchvision repeats a gray image to 3 channels; they are equal, so keep one.
+    return grid[:imgs.shape[1]].permute(1, 2, 0).numpy()
 
 
 def save_grid(x: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:

@@ -50,7 +50,7 @@ from .sharding import (clip_grad_norm, full_fp32_params, full_state_dict, is_sha
                        load_optimizer_state, optimizer_state, shard)
 
 __all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "build_model", "build_schedule",
-           "final_checkpoint", "run_info", "sharding_plan", "deepspeed_plan"]
+           "check_device_support", "final_checkpoint", "run_info", "sharding_plan", "deepspeed_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,27 @@ def build_model(recipe: Recipe, pretrained_weights: bool = True) -> torch.nn.Mod
         from diffusers import UNet2DConditionModel
 
         # the architecture only: config.json with the recipe's config-field overrides on top
-        adapter = {k: overrides.pop(k) for k in ("in_channels", "num_classes", "gradient_checkpointing")
+        adapter = {k: overrides.pop(k) for k in ("in_channels", "num_classes", "gradient_checkpointing",
+                                                 "attention_backend")
                    if k in overrides}
         config = {**UNet2DConditionModel.load_config(m.pretrained, subfolder="unet"), **overrides}
         return cls.from_config(config, **adapter)
-    except (TypeError, ValueError, NotImplementedError) as e:  # unknown preset / field, unsupported UNet
+    # unknown preset or field, unsupported UNet, an attention backend whose package is missing
+    except (TypeError, ValueError, NotImplementedError, ImportError) as e:
         raise RecipeError(f"model: {e}") from e
     except OSError as e:  # diffusers: no such directory / hub id
         raise RecipeError(f"model.pretrained {m.pretrained!r}: {' '.join(str(e).split())}") from e
+
+
+def check_device_support(model: torch.nn.Module, device: torch.device | str) -> None:
+    """RecipeError (one line, naming the option) when the model's attention kernels cannot run on
+    `device`, e.g. model.overrides.attention_backend = "xformers" on a CPU."""
+    from backbones.layers import check_attention_backends
+
+    try:
+        check_attention_backends(model, device)
+    except (ValueError, ImportError) as e:
+        raise RecipeError(f"model.overrides.{e}") from e
 
 
 def build_latent(recipe: Recipe, device: torch.device | str = "cpu"):
@@ -351,6 +364,7 @@ class Trainer:
         """The recipe's backbone; a latent text-to-image model also gets the empty prompt's
         context as its null condition (before any EMA or frozen copy is made of it)."""
         net = build_model(self.recipe, pretrained_weights)
+        check_device_support(net, self.device)
         if self.latent is not None:
             net.set_null_context(self.latent.null_context().cpu())
         return net

@@ -1,9 +1,9 @@
 # Sourced by main.sh and test.sh: create .venv if needed and (re)install the project into it
-# whenever pyproject.toml or the constraints change. torch comes from constraints/cpu.txt.
+# whenever pyproject.toml or the constraints change. torch, torchvision, torchaudio and xformers come from constraints/cpu.txt.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PD_VENV:-$ROOT/.venv}"
-EXTRAS="${PD_EXTRAS:-test,sd,deepspeed}"
+EXTRAS="${PD_EXTRAS:-test,sd,deepspeed,xformers}"
 CONSTRAINTS="${PD_CONSTRAINTS:-$ROOT/constraints/cpu.txt}"
 if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV"

@@ -174,14 +174,16 @@ def test_downsampling_44k1_to_8k_keeps_the_band_and_removes_what_would_alias(fre
 
 
 @PROPERTY
-@given(st.integers(1000, 48000), st.integers(1000, 48000), st.floats(-1, 1))
-def test_resampling_keeps_a_constant_and_the_output_length(orig, new, level):
+@given(st.integers(10, 480), st.integers(10, 480), st.floats(-1, 1))
+def test_resampling_keeps_a_constant_and_the_output_length(orig_hundreds, new_hundreds, level):
+    # Rates in steps of 100 Hz: nearly coprime rates are refused (their filter bank is huge).
+    orig, new = 100 * orig_hundreds, 100 * new_hundreds
     x = torch.full((2, 700), level, dtype=torch.float64)
     y = resample(x, orig, new)
     assert y.shape == (2, math.ceil(700 * new / orig))
-    edge = math.ceil(16 * max(1.0, new / orig) / 0.945) + 2  # kernel reach in output samples
-    if y.shape[1] > 2 * edge:
-        assert torch.allclose(y[:, edge:-edge], x[:, :1], atol=1e-9)
+    edge = math.ceil(24 * max(1.0, new / orig) / 0.95) + 2  # kernel reach in output samples
+    if y.shape[1] > 2 * edge:  # the documented DC accuracy of the default filter: 2e-6
+        assert torch.allclose(y[:, edge:-edge], x[:, :1], atol=2e-6 * abs(level), rtol=0)
 
 
 def test_resample_at_the_same_rate_is_the_identity_and_rejects_bad_input():

@@ -3,6 +3,7 @@ resumable rank-sliced batches and corrupt items skipped and counted."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -20,6 +21,7 @@ from perceptual_diffusion.config import DataConfig
 from perceptual_diffusion.datasets import (CirclesDataset, DigitsDataset, ImageFolderDataset,
                                            ResumableBatchSampler, SkipCorrupt, build_dataset,
                                            circles, collate_skip, make_loader, num_classes)
+from perceptual_diffusion.datasets.folder import decode_image, resize_center_crop
 
 PROPERTY = settings(max_examples=60, deadline=None)
 
@@ -195,6 +197,100 @@ def test_image_folder_missing_or_empty(tmp_path):
         ImageFolderDataset(tmp_path, 16, 3)
     with pytest.raises(ValueError, match="data.path"):
         ImageFolderDataset("", 16, 3)
+
+
+# ---- decoding, resizing, cropping (torchvision) ---------------------------------------------
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def test_resize_center_crop_constant_split_and_dtype():
+    # A constant image stays constant, down and up.
+    for h, w, size in [(30, 50, 7), (5, 3, 16)]:
+        x = resize_center_crop(torch.full((3, h, w), 77, dtype=torch.uint8), size)
+        assert x.shape == (3, size, size) and x.dtype == torch.float32
+        assert torch.equal(x, torch.full_like(x, 77) / 127.5 - 1)
+    # Left half black, right half white, 40 -> 10: the columns beyond the bicubic kernel's reach
+    # of the edge are exactly black / white, every row is the same, and the split is kept.
+    a = torch.zeros(1, 40, 40, dtype=torch.uint8)
+    a[..., 20:] = 255
+    x = resize_center_crop(a, 10)[0]
+    assert x.shape == (10, 10) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, x[:1].expand(10, 10))
+    assert torch.equal(x[:, :3], -torch.ones(10, 3)) and torch.equal(x[:, 7:], torch.ones(10, 3))
+    assert x[:, :5].mean() < -0.5 and x[:, 5:].mean() > 0.5
+    # Wide, 24 x 8 -> 12 x 4, middle third white: the crop is the middle, its inner columns
+    # white, the outer ones mostly (the kernel reaches the black thirds).
+    a = torch.zeros(1, 8, 24, dtype=torch.uint8)
+    a[..., 8:16] = 255
+    x = resize_center_crop(a, 4)[0]
+    assert torch.equal(x[:, 1:3], torch.ones(4, 2)) and (x[:, [0, 3]] > 0.5).all()
+    assert torch.equal(x, x.flip(-1))
+    with pytest.raises(TypeError, match="uint8"):
+        resize_center_crop(torch.zeros(1, 4, 4), 2)
+
+
+def test_gray_is_pillows_luma_and_rgb_repeats_gray(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb[..., 1]).save(tmp_path / "z_gray.png")
+    gray = ImageFolderDataset(tmp_path, size=6, channels=1)
+    want = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / 127.5 - 1
+    assert torch.equal(gray.load(0), torch.from_numpy(want)[None])      # no resize: exact
+    three = ImageFolderDataset(tmp_path, size=6, channels=3).load(1)
+    assert torch.equal(three, (torch.from_numpy(rgb[..., 1]).float() / 127.5 - 1).expand(3, 6, 6))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_exif_orientation_is_applied(tmp_path, fmt):
+    a = np.zeros((10, 20, 3), np.uint8)
+    a[:, :10] = 255  # stored 20 wide: left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 10 wide, 20 tall, top half white
+    kw = {"quality": 100} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    (tmp_path / f"x.{fmt.lower()}").write_bytes(_encode(Image.fromarray(a), fmt, exif=exif.tobytes(), **kw))
+    x = ImageFolderDataset(tmp_path, size=10, channels=3).load(0)
+    assert x.shape == (3, 10, 10)  # the 10 x 20 upright picture, its middle rows kept
+    want = torch.cat([torch.ones(3, 5, 10), -torch.ones(3, 5, 10)], 1)
+    torch.testing.assert_close(x, want, rtol=0, atol=0 if fmt != "JPEG" else 4 / 127.5)
+
+
+def test_formats_torchvision_cannot_decode_fall_back_to_pillow(tmp_path, monkeypatch):
+    import perceptual_diffusion.datasets.folder as folder_mod
+
+    pillow_calls = []
+    real = folder_mod._decode_with_pillow
+    monkeypatch.setattr(folder_mod, "_decode_with_pillow",
+                        lambda data: pillow_calls.append(data[:2]) or real(data))
+    pic = Image.fromarray(np.random.default_rng(2).integers(0, 256, (21, 30, 3), dtype=np.uint8))
+    pic.save(tmp_path / "a.bmp")
+    pic.save(tmp_path / "b.png")
+    ds = ImageFolderDataset(tmp_path, size=8, channels=3)
+    bmp = ds.load(0)
+    assert pillow_calls == [b"BM"]  # the BMP went through Pillow, the PNG did not
+    assert torch.equal(bmp, ds.load(1)) and pillow_calls == [b"BM"]
+    assert torch.equal(ImageFolderDataset(tmp_path, size=8, channels=1).load(0),
+                       ImageFolderDataset(tmp_path, size=8, channels=1).load(1))
+    # TIFF: Pillow as well; CMYK JPEG, palette and alpha PNG: torchvision, as Pillow sees them.
+    want = torch.from_numpy(np.array(pic)).permute(2, 0, 1)
+    assert torch.equal(decode_image(_encode(pic, "TIFF"), 3), want)
+    for im, fmt in [(pic.convert("CMYK"), "JPEG"), (pic.convert("P"), "PNG"), (pic.convert("RGBA"), "PNG")]:
+        data = _encode(im, fmt)
+        ref = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert torch.equal(decode_image(data, 3), torch.from_numpy(ref).permute(2, 0, 1)), (im.mode, fmt)
+    assert pillow_calls == [b"BM", b"BM", b"II"]  # BMP (RGB, gray), TIFF
+
+
+def test_16_bit_png_is_scaled_to_8_bits():
+    k = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    data = _encode(Image.fromarray(k * 257), "PNG")  # 16-bit gray, full range
+    x = decode_image(data, 1)
+    assert x.dtype == torch.uint8 and torch.equal(x[0], torch.from_numpy(k.astype(np.uint8)))
+    with pytest.raises(OSError, match="neither torchvision .* nor Pillow"):
+        decode_image(b"not an image", 3)
 
 
 # ---- build_dataset / num_classes -------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -195,17 +194,6 @@ def test_gradient_checkpointing_same_gradients():
         assert len(calls) == (2 if net is ckpt else 1)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
-def test_xformers_backend_missing_raises_import_error():
-    net = ImageUNet.from_preset("tiny", attention_backend="xformers")
-    x, t = inputs(1)
-    with pytest.raises(ImportError, match="xformers"):
-        net(x, t)
-    q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ImportError, match="pip install xformers"):
-        attention(q, q, q, backend="xformers")
 
 
 # ---------------------------------------------------------------- layers

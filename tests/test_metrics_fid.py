@@ -313,3 +313,56 @@ def test_missing_weights_raise_one_clear_line(tmp_path, monkeypatch):
     assert str(tmp_path / "weights") in msg and str(tmp_path / "hub" / "checkpoints") in msg
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_fid_inception(tmp_path / "nowhere.pth")
+
+
+def _random_fid_state(reference: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """A seeded state dict with pytorch-fid's names (as the published file: no batch counters):
+    He-scaled conv weights and random BatchNorm affine parameters and running statistics, so
+    every block contributes and activations stay of order one through the 94 convolutions."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, v in reference.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.endswith("conv.weight") or name == "fc.weight":
+            fan_in = v[0].numel()
+            new = torch.randn(v.shape, generator=g, dtype=torch.float64) * math.sqrt(2 / fan_in)
+        elif name.endswith("running_var"):
+            new = 0.5 + torch.rand(v.shape, generator=g, dtype=torch.float64)
+        elif name.endswith("bn.weight"):
+            new = 1 + 0.2 * torch.randn(v.shape, generator=g, dtype=torch.float64)
+        else:  # bn.bias, running_mean, fc.bias
+            new = 0.2 * torch.randn(v.shape, generator=g, dtype=torch.float64)
+        state[name] = new.to(v.dtype)
+    return state
+
+
+def test_inception_on_torchvision_blocks_equals_the_hand_written_oracle(inception, tmp_path):
+    """The network built on torchvision's Inception3 computes exactly what the former plain-torch
+    network (kept in tests/fid_inception_oracle.py) computes, weight for weight."""
+    from fid_inception_oracle import InceptionV3FID as Oracle
+
+    torch.manual_seed(1)
+    oracle = Oracle()
+    ours, theirs = inception.state_dict(), oracle.state_dict()
+    assert list(ours) == list(theirs)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert sum(p.numel() for p in inception.parameters()) == \
+        sum(p.numel() for p in oracle.parameters()) == 23_850_960
+
+    # Loaded the way the published file is: strict, through from_file.
+    weights = tmp_path / FID_WEIGHTS_FILE
+    torch.save(_random_fid_state(oracle, seed=7), weights)
+    net, ref = InceptionV3FID.from_file(weights), Oracle.from_file(weights)
+    assert not net.training and not ref.training
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 3, 299, 299, generator=g) * 2 - 1  # the network's own size
+    want = ref.features(x)
+    assert want.std() > 0.1  # the random weights make a non-degenerate network
+    torch.testing.assert_close(net.features(x), want, rtol=1e-5, atol=1e-5)
+    x = torch.rand(1, 1, 37, 52, generator=g) * 2 - 1  # gray, through the bilinear resize
+    feats = net.features(x)
+    assert feats.shape == (1, 2048) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats, ref.features(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.logits(x, bias=True), ref.logits(x, bias=True),
+                               rtol=1e-5, atol=1e-5)

@@ -145,6 +145,19 @@ def test_sd_recipe_errors(sd_world, tmp_path):
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_xformers_attention_on_cpu_is_one_line_and_exit_2(sd_world, tmp_path, capsys):
+    pytest.importorskip("xformers")
+    model_dir, shards = sd_world
+    sets = _overrides(model_dir, shards) + _stage("mse") + ["model.overrides={attention_backend='xformers'}"]
+    code = main(["train", str(ROOT / "recipes/image/sd21_t2i_mse.toml"), "--out", str(tmp_path / "x"),
+                 "--no-progress", *[a for s in sets for a in ("--set", s)]])
+    # (diffusers and transformers draw their own loading bars on stderr before the error)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("perceptual-diffusion")]
+    assert code == 2 and len(err) == 1, err
+    assert "model: attention_backend='xformers' cannot run on cpu" in err[0]
+
+
 def test_latent_and_diffusers_unet_go_together(sd_world):
     model_dir, shards = sd_world
     with pytest.raises(RecipeError, match="needs model.latent"):

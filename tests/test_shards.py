@@ -241,6 +241,27 @@ def test_items_equal_image_folder_of_the_same_files(shard_dir, tmp_path):
         assert torch.equal(ds.load(index[Path(name).stem]), ref.load(j)), name
 
 
+def test_gray_items_equal_image_folder_and_pil_path(shard_dir, tmp_path):
+    """Gray, and WEBP too: the shard and the folder decode and resize alike, and so does
+    `center_crop_tensor` on the picture Pillow decodes from the same lossless bytes."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in (0, 1, 6):
+        (folder / f"{spec(i)['key']}.{'jpg' if i % 2 else 'png'}").write_bytes(encoded(i))
+    buffer = io.BytesIO()
+    make_image(2).save(buffer, format="WEBP", lossless=True)
+    (folder / "w.webp").write_bytes(buffer.getvalue())
+    write_shards([(p.stem, p.read_bytes(), "c", None) for p in sorted(folder.iterdir())],
+                 tmp_path / "s")
+    ref = ImageFolderDataset(folder, size=7, channels=1)
+    ds = ShardDataset(tmp_path / "s", size=7, channels=1)
+    index = by_key(ds)
+    for j, name in enumerate(ref.files):
+        x = ds.load(index[Path(name).stem])
+        assert x.shape == (1, 7, 7) and torch.equal(x, ref.load(j)), name
+    assert torch.equal(ds.load(index["w"]), center_crop_tensor(make_image(2).convert("L"), 7))
+
+
 @PROPERTY
 @given(w=st.integers(1, 40), h=st.integers(1, 40), size=st.integers(1, 16), v=st.integers(0, 255),
        gray=st.booleans())

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from perceptual_diffusion.datasets.folder import ImageFolderDataset, resize_center_crop
 from perceptual_diffusion.datasets.loader import SkipCorrupt
 from perceptual_diffusion.datasets.video import (MovingShapesDataset, MovingShapesParams,
                                                  VideoFolderDataset, heading_vectors,
@@ -190,6 +191,32 @@ def test_folder_frames_are_resized_center_cropped_and_rgb(tmp_path):
     assert torch.allclose(x[:, :, 3, 3].T, torch.tensor([[1.0, 0.0, -1.0]] * 2), atol=0.05)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_clip_frames_equal_the_same_images_in_an_image_folder(tmp_path, channels):
+    """A clip's frames are decoded, resized and cropped as `ImageFolderDataset` does, the whole
+    clip in one resize call."""
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (10, 13, 3), dtype=np.uint8)).save(clip / f"{i:02d}.png")
+    x = VideoFolderDataset(tmp_path, frames=3, size=6, channels=channels)[0]["x"]
+    assert x.shape == (channels, 3, 6, 6) and x.dtype == torch.float32
+    frames = ImageFolderDataset(clip, size=6, channels=channels)
+    for k in range(3):
+        assert torch.equal(x[:, k], frames.load(k)), k
+    images = torch.from_numpy(rng.integers(0, 256, (4, 3, 9, 14), dtype=np.uint8))
+    assert torch.equal(resize_center_crop(images, 5),
+                       torch.stack([resize_center_crop(im, 5) for im in images]))
+
+
+def test_frames_of_different_sizes_raise_naming_the_clip(tmp_path):
+    write_frames(tmp_path / "mixed", [10, 20])
+    Image.new("L", (8, 8), 30).save(tmp_path / "mixed" / "f3.png")
+    with pytest.raises(OSError, match="mixed.*different sizes"):
+        VideoFolderDataset(tmp_path, frames=3, size=4, channels=1)[0]
+
+
 def test_short_and_corrupt_clips_raise_and_are_skipped(tmp_path):
     write_frames(tmp_path / "good", [10, 20, 30, 40])
     write_frames(tmp_path / "short", [10, 20])
@@ -230,6 +257,15 @@ def test_video_file_without_a_decoder_names_the_package(tmp_path, monkeypatch):
     for name in ("torchcodec", "torchcodec.decoders", "torchvision", "torchvision.io"):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
     with pytest.raises(RuntimeError, match="pip install torchcodec") as e:
+        VideoFolderDataset(tmp_path, frames=2, size=8)
+    assert "\n" not in str(e.value)
+
+
+def test_torchvision_without_pyav_is_no_decoder(tmp_path, monkeypatch):
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    for name in ("torchcodec", "torchcodec.decoders", "av"):
+        monkeypatch.setitem(sys.modules, name, None)  # torchvision.io imports, read_video can't run
+    with pytest.raises(RuntimeError, match="torchvision with PyAV: pip install torchcodec") as e:
         VideoFolderDataset(tmp_path, frames=2, size=8)
     assert "\n" not in str(e.value)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -11,8 +12,11 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision import io as tvio
+from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["ImageFolderDataset", "IMAGE_EXTENSIONS", "CAPTIONS_FILE", "resize_center_crop"]
+__all__ = ["ImageFolderDataset", "IMAGE_EXTENSIONS", "CAPTIONS_FILE", "decode_image", "to_channels",
+           "resize_center_crop"]
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +24,80 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
 
 
-def resize_center_crop(im: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Gray (channels=1) or RGB `im` with its shorter side resized to `size` (bicubic) and
-    centre-cropped to size x size: (size, size, channels) float32 in [-1, 1]."""
-    im = im.convert("L" if channels == 1 else "RGB")
-    w, h = im.size
+def _webp_with_exif(header: bytes) -> bool:
+    """An extended WEBP whose VP8X flags announce EXIF (torchvision ignores its orientation)."""
+    return header[:4] == b"RIFF" and header[8:16] == b"WEBPVP8X" and len(header) > 20 \
+        and bool(header[20] & 0x08)
+
+
+def _decode_with_pillow(data: bytes) -> Tensor:
+    """uint8 RGB [3 x H x W], EXIF orientation applied."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
+
+
+def to_channels(images: Tensor, channels: int) -> Tensor:
+    """uint8 images [... x C x H x W], C = 1 or 3, as gray (channels=1) or RGB (channels=3).
+    RGB to gray is Pillow's convert("L") exactly: L = (19595 R + 38470 G + 7471 B + 2^15) >> 16,
+    the ITU-R 601-2 luma; gray to RGB repeats the channel."""
+    c = images.shape[-3]
+    if c == channels:
+        return images
+    if c == 1 and channels == 3:
+        return images.expand(*images.shape[:-3], 3, *images.shape[-2:])
+    if c == 3 and channels == 1:
+        r, g, b = images.to(torch.int32).unbind(-3)
+        return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).to(torch.uint8).unsqueeze(-3)
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def decode_image(data: bytes | Tensor, channels: int) -> Tensor:
+    """Encoded image bytes (or their 1-D uint8 tensor) -> uint8 [channels x H x W], gray
+    (channels=1) or RGB (channels=3), with its EXIF orientation applied (photos are often stored
+    sideways with a rotation tag).
+
+    torchvision.io decodes JPEG (CMYK too), PNG (palette, alpha, 16 bit: scaled to 8 bits) and
+    WEBP (and the first frame of a GIF); Pillow decodes what it cannot (BMP, TIFF, ...) and WEBP
+    with EXIF, whose orientation torchvision ignores. Decoded as RGB and made gray by
+    `to_channels`, because torchvision's GRAY mode differs per format (libjpeg's Y plane,
+    libpng's weights, none for WEBP). Undecodable data raises OSError."""
+    encoded = (data if isinstance(data, Tensor)
+               else torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    tv_error = "WEBP with EXIF orientation"
+    if not _webp_with_exif(encoded[:21].numpy().tobytes()):
+        try:
+            image = tvio.decode_image(encoded, mode=tvio.ImageReadMode.RGB,
+                                      apply_exif_orientation=True)
+        except RuntimeError as e:
+            tv_error = " ".join(str(e).split())
+        else:
+            if image.ndim == 4:  # an animated GIF: its first frame, as Pillow gives
+                image = image[0]
+            if image.dtype != torch.uint8:  # 16-bit PNG
+                image = TF.to_dtype(image, torch.uint8, scale=True)
+            return to_channels(image, channels)
+    try:
+        image = _decode_with_pillow(encoded.numpy().tobytes())
+    except Exception as e:
+        raise OSError(f"neither torchvision ({tv_error}) nor Pillow ({e}) can decode it") from e
+    return to_channels(image, channels)
+
+
+def resize_center_crop(images: Tensor, size: int) -> Tensor:
+    """uint8 images [... x C x H x W] (one image or a whole clip) with the shorter side resized
+    to `size` (bicubic, antialiased) and center-cropped to size x size:
+    [... x C x size x size] float32 in [-1, 1]."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"resize_center_crop needs uint8 images, got {images.dtype}")
+    h, w = images.shape[-2:]
     scale = size / min(w, h)
     # max(): rounding must never leave the shorter side below `size`.
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return np.asarray(im, dtype=np.float32).reshape(size, size, channels) / 127.5 - 1
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        images = TF.resize(images, [nh, nw], interpolation=TF.InterpolationMode.BICUBIC,
+                           antialias=True)
+    return TF.center_crop(images, [size, size]).float().div_(127.5).sub_(1)
 
 
 class ImageFolderDataset(Dataset):
@@ -98,13 +164,10 @@ class ImageFolderDataset(Dataset):
         """The image at `index` as (channels, size, size) float32 in [-1, 1]."""
         file = self.root / self.files[index]
         try:
-            with Image.open(file) as im:
-                # Photos are often stored sideways with an EXIF rotation tag.
-                im = ImageOps.exif_transpose(im).convert("L" if self.channels == 1 else "RGB")
+            image = decode_image(tvio.read_file(str(file)), self.channels)
         except Exception as e:
             raise OSError(f"cannot read image {file}: {e}") from e
-        a = resize_center_crop(im, self.size, self.channels)
-        return torch.from_numpy(a.transpose(2, 0, 1)).contiguous()
+        return resize_center_crop(image, self.size)
 
     def __getitem__(self, index: int) -> dict[str, Tensor | str]:
         item: dict[str, Tensor | str] = {"x": self.load(index)}

@@ -34,12 +34,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..fileio import atomic_write
-from .folder import resize_center_crop
+from .folder import decode_image, resize_center_crop
 
 __all__ = ["ShardDataset", "write_shards", "expand_braces", "resolve_shards", "center_crop_tensor",
            "IMAGE_KEYS", "INDEX_SUFFIX"]
@@ -229,15 +229,16 @@ def _load_index(shard: Path, cache_dir: Path | None) -> tuple[list[dict[str, Any
 # ---- decoding ---------------------------------------------------------------------------------
 
 def center_crop_tensor(im: Image.Image, size: int) -> Tensor:
-    """An "L" or "RGB" image resized (bicubic) so its shorter side is `size`, center-cropped to
-    size x size: [C x size x size] float32 in [-1, 1], C = 1 ("L") or 3 ("RGB").
+    """An "L" or "RGB" image resized (bicubic, antialiased) so its shorter side is `size`,
+    center-cropped to size x size: [C x size x size] float32 in [-1, 1], C = 1 ("L") or 3
+    ("RGB").
 
-    The same transform as `ImageFolderDataset.load`, so a shard and a folder of the same images
-    give the same tensors."""
-    channels = {"L": 1, "RGB": 3}.get(im.mode)
-    if channels is None:
+    `resize_center_crop`, the transform of `ImageFolderDataset.load` and `ShardDataset.load`,
+    applied to a decoded PIL image."""
+    if im.mode not in ("L", "RGB"):
         raise ValueError(f"center_crop_tensor: image mode must be 'L' or 'RGB', got {im.mode!r}")
-    return torch.from_numpy(resize_center_crop(im, size, channels).transpose(2, 0, 1)).contiguous()
+    pixels = torch.from_numpy(np.array(im)).reshape(im.height, im.width, -1).permute(2, 0, 1)
+    return resize_center_crop(pixels, size)
 
 
 # ---- the dataset ------------------------------------------------------------------------------
@@ -392,13 +393,10 @@ class ShardDataset(Dataset):
         shard_id, (offset, size) = int(self._shard[index]), self._image[index].tolist()
         name = f"{self._key[index]}.{self._ext[index]}"
         try:
-            data = self._read(shard_id, offset, size)
-            with Image.open(io.BytesIO(data)) as im:
-                # Photos are often stored sideways with an EXIF rotation tag.
-                im = ImageOps.exif_transpose(im).convert("L" if self.channels == 1 else "RGB")
+            image = decode_image(self._read(shard_id, offset, size), self.channels)
         except Exception as e:
             raise OSError(f"cannot read image {name} in shard {self.shards[shard_id]}: {e}") from e
-        return center_crop_tensor(im, self.size)
+        return resize_center_crop(image, self.size)
 
     def caption(self, index: int) -> str:
         """The caption of item `index` ("" with empty_captions)."""

@@ -15,13 +15,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.io import read_file
 
-from .folder import resize_center_crop
+from .folder import decode_image, resize_center_crop, to_channels
 
 __all__ = ["MovingShapesParams", "moving_shapes_params", "moving_shapes", "reflect",
            "heading_vectors", "MovingShapesDataset", "VideoFolderDataset", "VIDEO_EXTENSIONS",
@@ -181,42 +180,38 @@ def _natural_key(name: str) -> list[int | str]:
 
 
 def _video_backend() -> str:
-    """"torchcodec" when it loads, else "torchvision"; RuntimeError (one line) when neither
-    does."""
+    """"torchcodec" when it loads, else "torchvision" (its deprecated `read_video`, which needs
+    PyAV); RuntimeError (one line) when neither does."""
     broken = []
-    for backend, module in (("torchcodec", "torchcodec.decoders"), ("torchvision", "torchvision.io")):
+    for backend, modules in (("torchcodec", ("torchcodec.decoders",)),
+                             ("torchvision", ("torchvision.io", "av"))):
         try:
-            importlib.import_module(module)
+            for module in modules:
+                importlib.import_module(module)
         except ImportError:
             continue
         except Exception as e:  # installed but unusable, e.g. torchcodec without FFmpeg libraries
             broken.append(f"{backend} is installed but fails to load: {' '.join(str(e).split())}")
             continue
         return backend
-    raise RuntimeError("; ".join(["decoding video files needs torchcodec or torchvision: pip install "
-                                  "torchcodec (or store each clip as a folder of PNG/JPG frames)",
-                                  *broken]))
+    raise RuntimeError("; ".join(["decoding video files needs torchcodec, or torchvision with "
+                                  "PyAV: pip install torchcodec (or store each clip as a folder "
+                                  "of PNG/JPG frames)", *broken]))
 
 
-def _decode_video(backend: str, file: Path, frames: int, sampling: str) -> list[Image.Image]:
-    """The frames of a video file that `_frame_indices` picks, as PIL images."""
+def _decode_video(backend: str, file: Path, frames: int, sampling: str) -> Tensor:
+    """The frames of a video file that `_frame_indices` picks: uint8 [F x C x H x W]."""
     if backend == "torchcodec":
         from torchcodec.decoders import VideoDecoder
 
         decoder = VideoDecoder(str(file))
         idx = _frame_indices(len(decoder), frames, sampling, file)
-        return [_to_pil(decoder[i]) for i in idx]
+        return torch.stack([decoder[i] for i in idx])
     from torchvision.io import read_video
 
     video, _, _ = read_video(str(file), pts_unit="sec", output_format="TCHW")
     idx = _frame_indices(video.shape[0], frames, sampling, file)
-    return [_to_pil(video[i]) for i in idx]
-
-
-def _to_pil(frame: Tensor) -> Image.Image:
-    """A decoded uint8 frame (C, H, W), C = 1 or 3, as a PIL image."""
-    a = frame.detach().cpu().numpy().transpose(1, 2, 0)
-    return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+    return video[idx]
 
 
 class _ClipTooShort(ValueError):
@@ -292,20 +287,21 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def _frame_images(self, clip: Path) -> list[Image.Image]:
+    def _frame_images(self, clip: Path) -> Tensor:
+        """The picked frame images of a clip folder: uint8 [F x channels x H x W]."""
         files = sorted((f for f in clip.iterdir() if _is_frame(f)),
                        key=lambda f: _natural_key(f.name))
         idx = _frame_indices(len(files), self.frames, self.sampling, clip)
         images = []
         for i in idx:
-            with Image.open(files[i]) as im:
-                im.load()
-                images.append(im.copy())
-        return images
-
-    def _resize(self, im: Image.Image) -> np.ndarray:
-        """One frame as (size, size, channels) float32 in [-1, 1]."""
-        return resize_center_crop(im, self.size, self.channels)
+            try:
+                images.append(decode_image(read_file(str(files[i])), self.channels))
+            except Exception as e:
+                raise OSError(f"{files[i].name}: {e}") from e
+        sizes = sorted({tuple(im.shape[1:]) for im in images})
+        if len(sizes) > 1:
+            raise ValueError(f"frames of different sizes (H, W): {sizes}")
+        return torch.stack(images)
 
     def load(self, index: int) -> Tensor:
         """The clip at `index` as (channels, frames, size, size) float32 in [-1, 1]."""
@@ -314,14 +310,14 @@ class VideoFolderDataset(Dataset):
             if clip.is_dir():
                 images = self._frame_images(clip)
             else:
-                images = _decode_video(self.backend or _video_backend(), clip, self.frames,
-                                       self.sampling)
-            a = np.stack([self._resize(im) for im in images])  # (F, H, W, C)
+                images = to_channels(_decode_video(self.backend or _video_backend(), clip,
+                                                   self.frames, self.sampling), self.channels)
+            x = resize_center_crop(images, self.size)  # the whole clip in one call
         except _ClipTooShort:
             raise
-        except Exception as e:  # whatever the decoder or PIL raise, the message names the clip
+        except Exception as e:  # whatever the decoder raises, the message names the clip
             raise OSError(f"cannot read clip {clip}: {e}") from e
-        return torch.from_numpy(a.transpose(3, 0, 1, 2)).contiguous()
+        return x.transpose(0, 1).contiguous()
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return {"x": self.load(index)}

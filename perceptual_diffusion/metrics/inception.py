@@ -1,10 +1,11 @@
-"""The FID Inception-v3 (TF "2015-12-05" graph ported to PyTorch), written in plain torch.
+"""The FID Inception-v3 (TF "2015-12-05" graph ported to PyTorch), built on torchvision's blocks.
 
-Same architecture and parameter names as pytorch-fid's `fid_inception_v3` (torchvision's
-Inception3 without aux logits, 1008 classes, and the FID block variants), so the published
-`pt_inception-2015-12-05-6726825d.pth` state dict loads strictly. FID variants: the pool
-branches of Mixed_5b-5d (A), 6b-6e (C) and 7b (E_1) average without counting padding, and
-7c (E_2) max-pools. Weights are never downloaded: `load_fid_inception` only looks on disk.
+The construction of pytorch-fid's `fid_inception_v3`: torchvision's Inception3 without aux
+logits and with 1008 classes, whose pool branches take the FID variants of the TF graph: those
+of Mixed_5b-5d (A), 6b-6e (C) and 7b (E_1) average without counting padding, and 7c (E_2)
+max-pools. Parameter names are torchvision's, so the published
+`pt_inception-2015-12-05-6726825d.pth` state dict loads strictly. Weights are never
+downloaded: `load_fid_inception` only looks on disk.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux,
+                                          InceptionB, InceptionC, InceptionD, InceptionE)
 
 __all__ = ["InceptionV3FID", "load_fid_inception", "FID_WEIGHTS_FILE", "WEIGHTS_ENV"]
 
@@ -24,35 +27,13 @@ _FIDELITY_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "PERCEPTUAL_DIFFUSION_WEIGHTS"
 
 
-class BasicConv2d(nn.Module):
-    """conv (no bias) -> batch norm (eps 1e-3, as in the TF graph) -> ReLU."""
-
-    def __init__(self, cin: int, cout: int, kernel_size, stride=1, padding=0) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(cout, eps=0.001)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.bn(self.conv(x)))
-
-
 def _avg_pool_no_pad(x: Tensor) -> Tensor:
     # TF's SAME average pooling divides by the number of real (unpadded) pixels.
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-class FIDInceptionA(nn.Module):
-    """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 (out 224 + pool_features)."""
-
-    def __init__(self, cin: int, pool_features: int) -> None:
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, 1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+class FIDInceptionA(InceptionA):
+    """torchvision's 35x35 block with the TF pool branch (no padding in the average)."""
 
     def forward(self, x: Tensor) -> Tensor:
         b5 = self.branch5x5_2(self.branch5x5_1(x))
@@ -61,94 +42,43 @@ class FIDInceptionA(nn.Module):
         return torch.cat([self.branch1x1(x), b5, b3, bp], 1)
 
 
-class InceptionB(nn.Module):
-    """35 -> 17 reduction: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 (out 480 + cin)."""
-
-    def __init__(self, cin: int) -> None:
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class FIDInceptionC(nn.Module):
-    """17x17 block with factorised 7x7 convolutions (out 768)."""
-
-    def __init__(self, cin: int, channels_7x7: int) -> None:
-        super().__init__()
-        c = channels_7x7
-        self.branch1x1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7_1 = BasicConv2d(cin, c, 1)
-        self.branch7x7_2 = BasicConv2d(c, c, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c, c, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c, c, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c, c, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
+class FIDInceptionC(InceptionC):
+    """torchvision's 17x17 block (factorised 7x7) with the TF pool branch."""
 
     def forward(self, x: Tensor) -> Tensor:
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for i in range(1, 6):
-            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
+        bd = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            bd = conv(bd)
         bp = self.branch_pool(_avg_pool_no_pad(x))
         return torch.cat([self.branch1x1(x), b7, bd, bp], 1)
 
 
-class InceptionD(nn.Module):
-    """17 -> 8 reduction: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 (out 512 + cin)."""
-
-    def __init__(self, cin: int) -> None:
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = x
-        for i in range(1, 5):
-            b7 = getattr(self, f"branch7x7x3_{i}")(b7)
-        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
+def _inception_e(block: InceptionE, x: Tensor, pooled: Tensor) -> Tensor:
+    """torchvision's 8x8 block (split 1x3/3x1 outputs) with `pooled` fed to its pool branch."""
+    b3 = block.branch3x3_1(x)
+    b3 = torch.cat([block.branch3x3_2a(b3), block.branch3x3_2b(b3)], 1)
+    bd = block.branch3x3dbl_2(block.branch3x3dbl_1(x))
+    bd = torch.cat([block.branch3x3dbl_3a(bd), block.branch3x3dbl_3b(bd)], 1)
+    return torch.cat([block.branch1x1(x), b3, bd, block.branch_pool(pooled)], 1)
 
 
-class FIDInceptionE(nn.Module):
-    """8x8 block with split 1x3/3x1 outputs (out 2048). `max_pool` selects the E_2 variant
-    (Mixed_7c: max pooling in the pool branch) over E_1 (Mixed_7b: average, no padding)."""
-
-    def __init__(self, cin: int, max_pool: bool) -> None:
-        super().__init__()
-        self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(cin, 320, 1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
+class FIDInceptionE1(InceptionE):
+    """Mixed_7b of the TF graph: the pool branch averages without counting padding."""
 
     def forward(self, x: Tensor) -> Tensor:
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_no_pad(x)
-        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+        return _inception_e(self, x, _avg_pool_no_pad(x))
 
 
-class InceptionV3FID(nn.Module):
+class FIDInceptionE2(InceptionE):
+    """Mixed_7c of the TF graph: the pool branch max-pools."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _inception_e(self, x, F.max_pool2d(x, 3, stride=1, padding=1))
+
+
+class InceptionV3FID(Inception3):
     """FID Inception-v3: [N x C x H x W] in [-1, 1] (C = 1 or 3) -> 2048-d pool3 features.
 
     Input is resized bilinearly to 299x299 (align_corners=False, as pytorch-fid) and gray
@@ -161,24 +91,12 @@ class InceptionV3FID(nn.Module):
     num_classes = 1008
 
     def __init__(self) -> None:
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, self.num_classes)
+        # init_weights=False: torch's default init; real weights come from `from_file`.
+        super().__init__(num_classes=self.num_classes, aux_logits=False, init_weights=False,
+                         inception_blocks=[BasicConv2d, FIDInceptionA, InceptionB,
+                                           FIDInceptionC, InceptionD, FIDInceptionE1,
+                                           InceptionAux])
+        self.Mixed_7c = FIDInceptionE2(2048)  # the blocks list has one E slot
         self.requires_grad_(False)
         self.eval()
 
@@ -196,13 +114,13 @@ class InceptionV3FID(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [N x C x H x W] in [-1, 1] -> (N, 2048) pool3 features."""
         x = self._prepare(x)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)
-        return x.mean((2, 3))
+        for block in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
+                      self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2,
+                      self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
+                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
+                      self.Mixed_7c):
+            x = block(x)
+        return self.avgpool(x).flatten(1)
 
     def features(self, x: Tensor) -> Tensor:
         """(N, 2048) pool3 features, the FID embedding."""

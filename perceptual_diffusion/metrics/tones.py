@@ -5,15 +5,15 @@ and loudness follow the data's distribution?
     m = tones_metrics(samples)           # {"valid_fraction", "num_valid", "pitch_error_cents",
                                          #  "pitch_tv", "param_fd"} (+ "label_accuracy")
 
-Per clip, the Hann-windowed magnitude spectrum over the whole clip (bin width sample_rate / L:
-3.91 Hz at the default 2048 samples and 8 kHz). The clip has ONE dominant peak when the energy
-within +-2 bins of its strongest bin (the Hann main lobe) is at least 90% of the clip's energy:
-true tones hold 99.8%, a chord of two equal notes about 50%, noise a few percent, and a second
-note counts against it once it is within about 10 dB of the first. The peak's frequency is the
-vertex of a parabola through the log magnitudes of the strongest bin and its two neighbours
-(under 0.5 cents off for true tones). The clip is valid when it has one dominant peak within
-25 cents of a pitch of PITCHES. The tolerance is half the 50 cents that separate a note from
-a quarter tone off it, so a quarter-tone detuned note fails.
+Per clip, the Hann-windowed magnitude spectrum over the whole clip (a torchaudio spectrogram of
+one frame; bin width sample_rate / L: 3.91 Hz at the default 2048 samples and 8 kHz). The clip
+has ONE dominant peak when the energy within +-2 bins of its strongest bin (the Hann main lobe)
+is at least 90% of the clip's energy: true tones hold 99.8%, a chord of two equal notes about
+50%, noise a few percent, and a second note counts against it once it is within about 10 dB of
+the first. The peak's frequency is the vertex of a parabola through the log magnitudes of the
+strongest bin and its two neighbours (under 0.5 cents off for true tones). The clip is valid
+when it has one dominant peak within 25 cents of a pitch of PITCHES. The tolerance is half the
+50 cents that separate a note from a quarter tone off it, so a quarter-tone detuned note fails.
 
 A model that always plays the same note scores valid_fraction 1 but a pitch_tv of 7/8 and a
 large param_fd, so validity alone never rewards a collapsed model.
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torchaudio.functional
 from torch import Tensor
 
 from ..datasets.audio import PITCHES, ToneParams, tone_parameters
@@ -78,7 +79,10 @@ def _spectral_peaks(x: Tensor, sample_rate: int) -> tuple[Tensor, Tensor]:
     """(frequency in Hz, energy share of the +-PEAK_BINS peak) of clips [N x L] float64."""
     length = x.shape[1]
     window = torch.hann_window(length, periodic=False, dtype=torch.float64)
-    mag = torch.fft.rfft(x * window).abs()
+    # One frame as long as the clip: the windowed spectrum of the whole clip, [N x F].
+    mag = torchaudio.functional.spectrogram(x, pad=0, window=window, n_fft=length,
+                                            hop_length=length, win_length=length, power=1.0,
+                                            normalized=False, center=False)[..., 0]
     power = mag**2
     bins = power.shape[1]
     # Parabolic interpolation needs both neighbours: a peak at DC or Nyquist is taken one bin in.
