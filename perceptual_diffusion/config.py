@@ -89,6 +89,11 @@ class StageConfig:
     ema_decay: float = 0.9995
     ema_warmup: bool = False         # decay min(ema_decay, (1 + n) / (10 + n)) early on
     cond_dropout: float = 0.1        # probability of the null condition (CFG training)
+    # A checkpoint (dir, or run dir: its latest) to start from; "" = stage mse from scratch (or
+    # model.pretrained), stage sp from this run's final mse checkpoint. With `init`, stage mse is
+    # the matched control of an SP run: the same start, optimizer, lr, steps, batch, EMA and seed.
+    init: str = ""
+    init_weights: str = "ema"        # online | ema: which weights of `init` the online net starts from
 
 
 @dataclass
@@ -96,8 +101,7 @@ class SPStageConfig(StageConfig):
     """Stage 2: the self-perceptual objective (every option of `SelfPerceptual`)."""
 
     cond_dropout: float = 0.0        # the paper trains SP without conditional dropout
-    init: str = ""                   # stage-1 checkpoint dir; "" = this run's final mse checkpoint
-    init_weights: str = "online"     # online | ema: which stage-1 weights the online net starts from
+    init_weights: str = "frozen"     # frozen (Algorithm 1: the copy that is frozen) | online | ema
     perceptual_weights: str = "ema"  # online | ema: which stage-1 weights are frozen as f_*
     perceptual_dtype: str = "auto"   # auto (the mixed-precision dtype) | fp32 | bf16 | fp16
     layers: str = "mid"              # mid | encoder | decoder | encoder+mid | all | a tap name
@@ -141,6 +145,7 @@ class Recipe:
 # imported where they are defined, inside `validate_recipe`; these are the trainer's own.
 STAGES = ("mse", "sp")                         # the only order in which stages may run
 WEIGHT_SOURCES = ("online", "ema")
+SP_INIT_WEIGHTS = ("frozen", *WEIGHT_SOURCES)  # "frozen": whatever sp.perceptual_weights freezes
 PERCEPTUAL_DTYPES = ("auto", "fp32", "bf16", "fp16")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 NONFINITE = ("stop", "skip")
@@ -244,7 +249,7 @@ def _leaf_type(parts: list[str]) -> Any:
 def recipe_from_dict(d: dict[str, Any], *, check_paths: bool = True) -> Recipe:
     """Build a `Recipe` from nested dicts (missing keys keep their defaults) and validate it.
 
-    check_paths=False skips the existence checks of data.path and sp.init, for a recipe stored
+    check_paths=False skips the existence checks of data.path, mse.init and sp.init, for a recipe stored
     in a checkpoint that is only sampled from (its data and stage-1 run may be elsewhere now).
     """
     recipe = _build(Recipe, d, "")
@@ -434,7 +439,7 @@ def _toml_value(v: Any, path: str) -> str:
 
 # ---------------------------------------------------------------------------------- validation
 def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
-    """Check ranges, choices and (unless check_paths=False) that data.path and sp.init exist;
+    """Check ranges, choices and (unless check_paths=False) that data.path, mse.init and sp.init exist;
     the first failure raises a one-line `RecipeError`."""
     from backbones import BACKBONES
     from .datasets import DATASETS, MODALITY
@@ -481,8 +486,9 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
 
     for name in ("mse", "sp"):
         _validate_stage(name, getattr(r, name))
+    _choice("mse.init_weights", r.mse.init_weights, WEIGHT_SOURCES)
     p = r.sp
-    _choice("sp.init_weights", p.init_weights, WEIGHT_SOURCES)
+    _choice("sp.init_weights", p.init_weights, SP_INIT_WEIGHTS)
     _choice("sp.perceptual_weights", p.perceptual_weights, WEIGHT_SOURCES)
     _choice("sp.perceptual_dtype", p.perceptual_dtype, PERCEPTUAL_DTYPES)
     if p.layers not in LAYER_GROUPS and not _TAP.fullmatch(p.layers):
@@ -540,6 +546,9 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
             )
         if p.init and not Path(p.init).exists():
             raise RecipeError(f"sp.init '{p.init}' does not exist (it should be a stage-1 checkpoint)")
+    if "mse" in stages and r.mse.init and not Path(r.mse.init).exists():
+        raise RecipeError(f"mse.init '{r.mse.init}' does not exist (it should be a checkpoint or a run "
+                          "directory to continue from)")
 
 
 def _validate_stage(name: str, st: StageConfig) -> None:

@@ -421,11 +421,25 @@ class Trainer:
             if self._tb is not None:
                 self._tb.flush()
 
-    def _init_sp(self, model: torch.nn.Module, source: Path):
-        """Stage 2 from a stage-1 checkpoint: online net and frozen perceptual copy."""
+    def _load_start(self, model: torch.nn.Module, stage: str, source: Path, which: str) -> Any:
+        """Load the `which` ("online" | "ema") weights of checkpoint `source` into the online net
+        of `stage` (RecipeError when they do not fit the recipe's model); returns the checkpoint."""
         ck = load_checkpoint(source)
+        key = "model" if which == "online" else "ema"
+        try:
+            model.load_state_dict(ck.weights[key])
+        except (RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RecipeError(f"{stage}.init: the {which} weights of {source} do not fit this recipe's model "
+                              f"({first})") from e
+        return ck
+
+    def _init_sp(self, model: torch.nn.Module, source: Path):
+        """Stage 2 from a stage-1 checkpoint: the frozen perceptual copy and the online net, which
+        by default starts from the very weights that are frozen (Algorithm 1's deep copy)."""
         sp = self.recipe.sp
-        model.load_state_dict(ck.weights["model" if sp.init_weights == "online" else "ema"])
+        start = sp.perceptual_weights if sp.init_weights == "frozen" else sp.init_weights
+        ck = self._load_start(model, "sp", source, start)
         return self._frozen(ck.weights["model" if sp.perceptual_weights == "online" else "ema"])
 
     def _frozen(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -445,11 +459,14 @@ class Trainer:
     def _run_stage(self, stage: str, resume: Path | None, stop_after: int | None) -> StageResult | None:
         acc, recipe, cfg = self.accelerator, self.recipe, self._stage_cfg(stage)
         offset = self.offsets[stage]
-        # a stage starts from the recipe's seed whatever ran before it; a resume then restores
-        # every RNG from the checkpoint
-        set_seed(recipe.seed + (stage == "sp"))
-        # stage mse starts from model.pretrained (if any); everything else loads a checkpoint
-        model = self._new_model(pretrained_weights=stage == "mse" and resume is None)
+        # a stage starts from the recipe's seed whatever ran before it (a resume then restores
+        # every RNG from the checkpoint); a stage that starts from a checkpoint (sp, or mse with
+        # mse.init: SP's matched control) takes seed + 1, so SP and its control see the same data
+        # order and start from the same generator state
+        seed = recipe.seed + int(stage == "sp" or bool(cfg.init))
+        set_seed(seed)
+        # stage mse starts from model.pretrained (if any) or mse.init; everything else loads a checkpoint
+        model = self._new_model(pretrained_weights=stage == "mse" and resume is None and not cfg.init)
         perceptual = None
         state: dict[str, Any] = {}
         if resume is not None:
@@ -460,6 +477,8 @@ class Trainer:
                 perceptual = self._frozen(ck.weights["perceptual"])
         elif stage == "sp":
             perceptual = self._init_sp(model, self._stage1_source())
+        elif cfg.init:  # stage mse continued from a checkpoint (the matched control of an SP run)
+            self._load_start(model, "mse", resolve_checkpoint(cfg.init, self.run_dir), cfg.init_weights)
         ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
         if resume is not None:
             ema.load_state_dict({"model": ck.weights["ema"], "num_updates": state["ema_updates"]})
@@ -496,14 +515,14 @@ class Trainer:
             distance=recipe.sp.distance, formulation=recipe.sp.formulation, mse_weight=recipe.sp.mse_weight,
             near_offset=recipe.sp.near_offset, normal_std=recipe.sp.normal_std))
         gen = torch.Generator(device=self.device).manual_seed(
-            recipe.seed * 1_000_003 + 7919 * acc.process_index + (stage == "sp"))
+            recipe.seed * 1_000_003 + 7919 * acc.process_index + (seed - recipe.seed))
 
         world, rank = acc.num_processes, acc.process_index
         engine = "FSDP" if self.fsdp else "DeepSpeed" if self.deepspeed else "DDP" if world > 1 else "one process"
         log.info("stage %s (%s): effective batch %d = %d per process x %d accumulation steps x %d processes", stage,
                  engine, cfg.batch_size * cfg.grad_accum * world, cfg.batch_size, cfg.grad_accum, world)
         pos = state.get("data_position", (0, 0))
-        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, seed=recipe.seed + (stage == "sp"),
+        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, seed=seed,
                                         rank=rank, world_size=world, epoch=pos[0], batch_in_epoch=pos[1])
         batches = iter(make_loader(self.dataset, sampler, recipe.data.num_workers))
         data_pos = list(pos)  # the sampler position after the last batch consumed

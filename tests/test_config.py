@@ -232,7 +232,8 @@ def test_bad_override_is_one_clear_line(item, message):
         (["schedule.beta_start=0"], "schedule.beta_start must be in (0, 1), got 0.0"),
         (["schedule.beta_end=1"], "schedule.beta_end must be in [schedule.beta_start = 0.00085, 1), got 1.0"),
         (["schedule.beta_start=0.02"], "schedule.beta_end must be in [schedule.beta_start = 0.02, 1), got 0.012"),
-        (["sp.init_weights=best"], "sp.init_weights must be one of 'online', 'ema', got 'best'"),
+        (["sp.init_weights=best"], "sp.init_weights must be one of 'frozen', 'online', 'ema', got 'best'"),
+        (["mse.init_weights=frozen"], "mse.init_weights must be one of 'online', 'ema', got 'frozen'"),
         (["sp.perceptual_weights=frozen"], "sp.perceptual_weights must be one of 'online', 'ema', got 'frozen'"),
         (["sp.perceptual_dtype=fp64"], "sp.perceptual_dtype must be one of 'auto', 'fp32', 'bf16', 'fp16', "
                                        "got 'fp64'"),

@@ -88,6 +88,73 @@ def test_two_stages_end_to_end(recipe_file, tmp_path):
     assert Image.open(summary["mse_vs_sp"]).size[0] > 4 * 16
 
 
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_sp_starts_from_the_frozen_weights_or_the_chosen_ones(recipe_file, tmp_path):
+    base = tmp_path / "base"
+    Trainer(load_recipe(recipe_file, ["train.stages=['mse']"]), base, progress=False).run()
+    stage1 = load_checkpoint(latest_checkpoint(base)).weights
+    assert not _same(stage1["model"], stage1["ema"])
+    for which, perceptual in [("frozen", "ema"), ("frozen", "online"), ("online", "ema"), ("ema", "online")]:
+        recipe = load_recipe(recipe_file, ["train.stages=['sp']", f"sp.init='{base}'", f"sp.init_weights='{which}'",
+                                           f"sp.perceptual_weights='{perceptual}'", "sp.steps=1"])
+        trainer = Trainer(recipe, tmp_path / f"sp-{which}-{perceptual}", progress=False)
+        model = trainer._new_model(pretrained_weights=False)
+        frozen = trainer._init_sp(model, base.resolve() / "checkpoints" / latest_checkpoint(base).name)
+        start = perceptual if which == "frozen" else which  # Algorithm 1: the copy that is frozen
+        assert _same(model.state_dict(), stage1["model" if start == "online" else "ema"])
+        assert _same(frozen.state_dict(), stage1["model" if perceptual == "online" else "ema"])
+    assert load_recipe(recipe_file).sp.init_weights == "frozen"  # the default
+
+
+def test_mse_init_is_the_matched_control_of_sp(recipe_file, tmp_path, monkeypatch):
+    """train.stages=['mse'] with mse.init continues MSE from the same start, with the same seed
+    (data order and noise generator) as the SP stage that starts from that checkpoint."""
+    import perceptual_diffusion.trainer as trainer_module
+
+    base = tmp_path / "base"
+    Trainer(load_recipe(recipe_file, ["train.stages=['mse']"]), base, progress=False).run()
+    start = latest_checkpoint(base)
+    orders = {}
+
+    class Recording(trainer_module.ResumableBatchSampler):  # notes the first epoch's order
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            orders.setdefault(run_name, self.permutation(0).tolist())
+
+    monkeypatch.setattr(trainer_module, "ResumableBatchSampler", Recording)
+    same = ["mse.lr=1e-4", "mse.steps=4", "mse.warmup_steps=0", "mse.cond_dropout=0.0"]
+    runs = {"control": ["train.stages=['mse']", f"mse.init='{start}'", *same],
+            "sp": ["train.stages=['sp']", f"sp.init='{start}'", "sp.steps=4"],
+            "scratch": ["train.stages=['mse']", *same]}
+    for run_name, sets in runs.items():
+        trainer = Trainer(load_recipe(recipe_file, sets), tmp_path / run_name, progress=False)
+        if run_name == "control":
+            first = trainer._new_model()
+            trainer._load_start(first, "mse", start, "ema")
+            assert _same(first.state_dict(), load_checkpoint(start).weights["ema"])
+        trainer.run()
+    ran = load_checkpoint(latest_checkpoint(tmp_path / "control"))
+    assert ran.stage == "mse" and ran.step == 4
+    assert not _same(ran.weights["model"], load_checkpoint(start).weights["ema"])  # it trained
+    # the control sees the SP stage's batches in the same order; a run from scratch does not
+    assert orders["control"] == orders["sp"] != orders["scratch"]
+
+
+def test_mse_init_that_does_not_fit_is_one_line(recipe_file, tmp_path, capsys):
+    other = tmp_path / "other"
+    Trainer(load_recipe(recipe_file, ["train.stages=['mse']", "mse.steps=1", "model.preset='default'"]), other,
+            progress=False).run()
+    code = main(["train", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", "train.stages=['mse']", "--set", f"mse.init={other}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"perceptual-diffusion: error: mse.init: the ema weights of {other}")
+    assert "do not fit this recipe's model" in err[0]
+
+
 def test_exact_resume_bit_for_bit(recipe_file, tmp_path):
     recipe = load_recipe(recipe_file)
     Trainer(recipe, tmp_path / "a", progress=False).run()
@@ -159,6 +226,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     (["--set", "sp.t_prime=gaussian"], "sp.t_prime"),
     (["--set", "model.preset=huge"], "unknown ImageUNet preset 'huge'"),
     (["--resume", "latest"], "no complete checkpoint"),
+    (["--set", "train.stages=['mse']", "--set", "mse.init=runs/nowhere"], "mse.init 'runs/nowhere' does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(recipe_file, tmp_path, args, message, capsys):
     code = main(["train", str(recipe_file), "--out", str(tmp_path / "run"), "--no-progress", *args])
