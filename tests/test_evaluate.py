@@ -1,6 +1,7 @@
 """`perceptual-diffusion evaluate` end to end on tiny checkpoints."""
 
 import json
+import math
 
 import pytest
 
@@ -39,6 +40,7 @@ def _train(tmp_path, name="circles", conditional="false"):
 
 def test_evaluate_circles_writes_json_and_prints_one_row(tmp_path, capsys):
     run = _train(tmp_path)
+    capsys.readouterr()  # what training printed (DeepSpeed's accelerator warning, when imported first)
     out = tmp_path / "eval.json"
     assert main(["evaluate", str(run), "--metric", "circles", "--n", "6", "--steps", "3", "--out", str(out)]) == 0
     row = json.loads(out.read_text())
@@ -58,6 +60,18 @@ def test_evaluate_digits_with_guidance_doubles_nfe(tmp_path, monkeypatch):
     row = json.loads(out.read_text())
     assert row["nfe"] == 4 and row["guidance"] == 2.0 and row["rescale"] == 0.7
     assert {"digits_fid", "digits_is", "label_accuracy"} <= set(row) and row["digits_fid"] > 0
+    assert row["digits_kid_se"] > 0 and row["digits_kid"] > 3 * row["digits_kid_se"]   # 2-step noise is far off
+
+
+def test_evaluate_spectrum_against_the_recipe_data(tmp_path):
+    run = _train(tmp_path)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(run), "--metric", "spectrum", "--metric", "circles", "--n", "6", "--steps", "2",
+                 "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert {f"spectrum_log_ratio_{b}" for b in range(4)} | {"valid_fraction"} <= set(row)
+    # an undertrained model's samples are noise: far more high-frequency energy than solid disks
+    assert row["spectrum_hf_ratio"] > 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -92,6 +106,8 @@ def test_evaluate_inception_with_a_local_weights_file(tmp_path):
             "--inception-weights", str(weights), "--out", str(out)]
     assert main(args) == 0
     row = json.loads(out.read_text())
-    assert row["fid"] >= 0 and 1.0 <= row["is"] <= 1008
+    assert row["fid"] >= 0 and 1.0 <= row["is"] <= 1008 and row["kid_se"] > 0 and math.isfinite(row["kid"])
     assert (run / "fid_reference.safetensors").is_file()
-    assert main(args) == 0 and json.loads(out.read_text())["fid"] == pytest.approx(row["fid"])
+    assert main(args) == 0
+    again = json.loads(out.read_text())   # from the cached reference, features included
+    assert (again["fid"], again["kid"]) == pytest.approx((row["fid"], row["kid"]))

@@ -23,6 +23,7 @@ from perceptual_diffusion.metrics.digits import (TRAINING_VERSION, DigitsClassif
                                                  DigitsFeatureNet, digits_metrics, heldout_split,
                                                  load_digits_classifier, train_digits_classifier)
 from perceptual_diffusion.metrics.fid import FeatureNetwork
+from perceptual_diffusion.metrics.kid import polynomial_kernel
 
 SIZE = 32
 
@@ -270,11 +271,19 @@ def test_real_digits_score_perfectly_and_noise_does_not(cached_classifier, real_
     assert real["digits_is"] > 5
     assert real["label_accuracy"] > 0.95
     assert (cache / f"digits-reference-{SIZE}.safetensors").exists()
+    # KID of a set against itself: its cross term holds the diagonal, so the unbiased estimate is
+    # 2 [(S - tr K) / (n (n - 1)) - S / n^2] < 0 (S the sum of the kernel matrix K), not 0.
+    net = DigitsFeatureNet(model)
+    feats = torch.cat([net.features(b) for b in real_digits.images.split(256)]).double()
+    k, n = polynomial_kernel(feats, feats), len(feats)
+    expected = 2 * ((k.sum() - k.trace()) / (n * (n - 1)) - k.sum() / n ** 2)
+    assert real["digits_kid"] == pytest.approx(float(expected), rel=1e-9) and real["digits_kid"] < 0
 
     noise = torch.rand(500, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     fake = digits_metrics(noise, classifier=model)
     assert "label_accuracy" not in fake
     assert fake["digits_fid"] > 100 and fake["digits_is"] < 2
+    assert fake["digits_kid"] > 10 * fake["digits_kid_se"] > 0
 
     wrong = digits_metrics(real_digits.images, real_digits.labels.roll(1), classifier=model)
     assert wrong["label_accuracy"] < 0.2  # labels of the neighbour: chance level
@@ -286,5 +295,5 @@ def test_digits_metrics_loads_the_cached_classifier(cached_classifier, real_digi
                         lambda *a, **k: pytest.fail("retrained a valid cache"))
     # Fewer than 100 samples: one IS split, so the spread over splits is 0.
     m = digits_metrics(real_digits.images[:60], real_digits.labels[:60], cache_dir=cache)
-    assert m["digits_is_std"] == 0.0 and m["label_accuracy"] > 0.9
+    assert m["digits_is_std"] == 0.0 and m["label_accuracy"] > 0.9 and m["digits_kid_se"] > 0
     assert 0 < m["digits_fid"] < 500

@@ -1,10 +1,10 @@
 """Digits metrics from a small CNN classifier trained on scikit-learn's bundled digits, the way
-MNIST work uses LeNet features: a digits-FID from its penultimate features and a digits-IS from
-its class probabilities, plus how often a class-conditional sample shows its label.
+MNIST work uses LeNet features: a digits-FID and a digits-KID from its penultimate features and a
+digits-IS from its class probabilities, plus how often a class-conditional sample shows its label.
 
     clf = load_digits_classifier(32)           # trained once (~10 s on 2 cores), then cached
-    m = digits_metrics(samples, labels=labels)  # {"digits_fid", "digits_is", "digits_is_std",
-                                                #  "label_accuracy"}
+    m = digits_metrics(samples, labels=labels)  # {"digits_fid", "digits_kid", "digits_kid_se",
+                                                #  "digits_is", "digits_is_std", "label_accuracy"}
 
 The classifier is trained on a fixed 80% of the 1,797 digits; its accuracy on the other 20% is
 stored with it. The cache holds `digits-classifier-<size>.safetensors` and a JSON sidecar (sha256
@@ -29,6 +29,7 @@ from ..datasets.digits import DigitsDataset
 from ..fileio import atomic_write, sha256_file
 from .fid import (RunningStats, cached_statistics, compute_statistics, frechet_distance,
                   inception_score)
+from .kid import kernel_inception_distance
 
 __all__ = ["DigitsClassifier", "DigitsFeatureNet", "train_digits_classifier",
            "load_digits_classifier", "digits_metrics", "default_cache_dir", "heldout_split",
@@ -229,20 +230,21 @@ class DigitsFeatureNet:
 
 
 def _reference_statistics(net: DigitsFeatureNet) -> RunningStats:
-    """Feature statistics of the 1,797 real digits at the net's size; cached beside the
-    classifier's cache file (keyed by its checksum) when it came from the cache."""
+    """Feature statistics of the 1,797 real digits at the net's size, with the features kept
+    (1797 x 128, for KID); cached beside the classifier's cache file (keyed by its checksum)
+    when it came from the cache."""
     batches = lambda: DigitsDataset(net.size, conditional=False).images.split(256)  # noqa: E731
     model = net.model
     if getattr(model, "weights_path", None) is None:
-        return compute_statistics(net, batches(), key="digits-real")
+        return compute_statistics(net, batches(), key="digits-real", keep_features=True)
     path = model.weights_path.with_name(f"digits-reference-{net.size}.safetensors")
     key = f"digits-real-1797|size={net.size}|classifier-sha256={model.weights_sha256}"
     try:
-        return cached_statistics(path, key, batches, net, overwrite=True)
+        return cached_statistics(path, key, batches, net, overwrite=True, keep_features=True)
     except Exception as e:  # an unreadable file: recompute rather than fail the evaluation
         log.warning("recomputing digits reference statistics: %s is unusable (%s)", path, e)
         path.unlink(missing_ok=True)
-        return cached_statistics(path, key, batches, net)
+        return cached_statistics(path, key, batches, net, keep_features=True)
 
 
 def digits_metrics(samples: Tensor, labels: Tensor | None = None,
@@ -253,6 +255,8 @@ def digits_metrics(samples: Tensor, labels: Tensor | None = None,
 
     - "digits_fid": Frechet distance between the classifier's penultimate features of the
       samples and of the 1,797 real digits at size S.
+    - "digits_kid", "digits_kid_se": KID between the same features, with its standard error
+      (`kernel_inception_distance`: subsets of min(1000, N) rows, seed 0).
     - "digits_is", "digits_is_std": Inception Score of the softmax probabilities over 10 splits
       (1 split when N < 100: fewer samples per split bias the score low).
     - "label_accuracy" (when `labels` (N,) are given): fraction classified as their
@@ -271,11 +275,12 @@ def digits_metrics(samples: Tensor, labels: Tensor | None = None,
         classifier = load_digits_classifier(size, cache_dir)
     net = classifier if isinstance(classifier, DigitsFeatureNet) else DigitsFeatureNet(classifier)
     ref = _reference_statistics(net)
-    stats = compute_statistics(net, samples.split(batch_size), key="samples")
+    stats = compute_statistics(net, samples.split(batch_size), key="samples", keep_features=True)
     logits = torch.cat([net.logits(b) for b in samples.split(batch_size)]).double()
     is_mean, is_std = inception_score(logits.softmax(1), splits=1 if n < 100 else 10)
+    kid, kid_se = kernel_inception_distance(stats.features, ref.features)
     out = {"digits_fid": frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov),
-           "digits_is": is_mean, "digits_is_std": is_std}
+           "digits_kid": kid, "digits_kid_se": kid_se, "digits_is": is_mean, "digits_is_std": is_std}
     if labels is not None:
         out["label_accuracy"] = float((logits.argmax(1).cpu() == labels.cpu()).float().mean())
     return out

@@ -8,6 +8,8 @@ IS (Salimans et al. 2016): exp E_x KL(p(y|x) || p(y)), mean and std over `splits
 
 Statistics are accumulated batch by batch (never all features in memory) and reference
 statistics are cached to a `.safetensors` file tagged with a `key` naming what produced them.
+Sample-based metrics (KID, `kid.py`) need the features themselves: `keep_features` keeps the
+first rows (as float32, what the feature networks emit) beside the statistics, in the cache too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..fileio import atomic_write
+from .kid import kernel_inception_distance
 
 __all__ = [
     "sample_frechet_distance",
@@ -40,6 +43,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FORMAT = "perceptual_diffusion.RunningStats/1"
+_ALL = 1 << 62  # keep_features=True: every row
+
+
+def _feature_cap(keep_features: bool | int) -> int:
+    """keep_features (True: all rows, False: none, an int: that many) -> a row count."""
+    if isinstance(keep_features, bool):
+        return _ALL if keep_features else 0
+    if int(keep_features) < 0:
+        raise ValueError(f"keep_features must be a bool or a count >= 0, got {keep_features!r}")
+    return int(keep_features)
 
 
 @runtime_checkable
@@ -62,9 +75,11 @@ class RunningStats:
     `m2`), which stays accurate when the mean is large relative to the spread, unlike the
     raw sum of outer products. `cov` is unbiased, like `numpy.cov(x, rowvar=False)`.
     `key` says what produced the statistics (e.g. "digits-train/inception-2015-12-05").
+    `keep_features` (True: all, an int: the first that many rows) also keeps the features
+    themselves, float32 (num_features, dim), for sample-based metrics such as KID.
     """
 
-    def __init__(self, dim: int, key: str = "") -> None:
+    def __init__(self, dim: int, key: str = "", keep_features: bool | int = False) -> None:
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
         self.dim = int(dim)
@@ -72,6 +87,9 @@ class RunningStats:
         self.count = 0
         self._mean = torch.zeros(self.dim, dtype=torch.float64)
         self._m2 = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.keep_features = _feature_cap(keep_features)
+        self.num_features = 0
+        self._kept: list[Tensor] = []
 
     def update(self, features: Tensor | np.ndarray) -> RunningStats:
         """Add a batch of features (N, dim); returns self."""
@@ -81,6 +99,10 @@ class RunningStats:
         n_b = x.shape[0]
         if n_b == 0:
             return self
+        room = self.keep_features - self.num_features
+        if room > 0:
+            self._kept.append(x[:room].to(torch.float32))
+            self.num_features += min(room, n_b)
         mean_b = x.mean(0)
         centred = x - mean_b
         m2_b = centred.T @ centred
@@ -105,13 +127,26 @@ class RunningStats:
             raise ValueError(f"a covariance needs at least 2 samples, have {self.count}")
         return self._m2 / (self.count - 1)
 
+    @property
+    def features(self) -> Tensor:
+        """(num_features, dim) float32: the first rows seen, kept when `keep_features` asked."""
+        if self.num_features == 0:
+            raise ValueError("RunningStats kept no features: make it with keep_features=True "
+                             f"(key {self.key!r}, {self.count} samples seen)")
+        if len(self._kept) > 1:
+            self._kept = [torch.cat(self._kept)]
+        return self._kept[0]
+
     def save(self, path: str | os.PathLike) -> None:
         """Write to `path` (.safetensors) atomically: a temporary file, then os.replace."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"mean": self._mean.contiguous(), "m2": self._m2.contiguous(),
                    "count": torch.tensor([self.count], dtype=torch.int64)}
-        meta = {"format": _FORMAT, "key": self.key, "count": str(self.count)}
+        meta = {"format": _FORMAT, "key": self.key, "count": str(self.count),
+                "keep_features": str(self.keep_features)}
+        if self.num_features:
+            tensors["features"] = self.features.contiguous()
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -133,6 +168,10 @@ class RunningStats:
         stats._mean = tensors["mean"].to(torch.float64)
         stats._m2 = tensors["m2"].to(torch.float64)
         stats.count = int(tensors["count"][0])
+        stats.keep_features = int(meta.get("keep_features", "0"))
+        if "features" in tensors:
+            stats._kept = [tensors["features"].to(torch.float32)]
+            stats.num_features = stats._kept[0].shape[0]
         return stats
 
 
@@ -211,12 +250,14 @@ def inception_score(logits_or_probs: Tensor | np.ndarray, splits: int = 10,
 
 
 def compute_statistics(feature_net: FeatureNetwork, batches: Iterable[Tensor], key: str = "",
-                       *, progress: bool = False, desc: str = "features") -> RunningStats:
+                       *, progress: bool = False, desc: str = "features",
+                       keep_features: bool | int = False) -> RunningStats:
     """Stream `batches` ([N x C x H x W] in [-1, 1], or dicts with an "x" entry) through
-    `feature_net.features` into a RunningStats; only one batch of features is held at a time."""
+    `feature_net.features` into a RunningStats; only one batch of features is held at a time,
+    besides the rows `keep_features` keeps (see RunningStats)."""
     from tqdm.auto import tqdm
 
-    stats = RunningStats(feature_net.dim, key)
+    stats = RunningStats(feature_net.dim, key, keep_features)
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             x = batch["x"] if isinstance(batch, dict) else batch
@@ -227,21 +268,30 @@ def compute_statistics(feature_net: FeatureNetwork, batches: Iterable[Tensor], k
 
 def cached_statistics(path: str | os.PathLike, key: str,
                       make_batches: Callable[[], Iterable[Tensor]], feature_net: FeatureNetwork,
-                      *, progress: bool = False, overwrite: bool = False) -> RunningStats:
+                      *, progress: bool = False, overwrite: bool = False,
+                      keep_features: bool | int = False) -> RunningStats:
     """Statistics cached at `path`: loaded when the file exists with the same `key`, else
     computed from `make_batches()` and saved atomically. A file with another key raises
-    ValueError unless `overwrite=True`, in which case it is recomputed and replaced."""
+    ValueError unless `overwrite=True`, in which case it is recomputed and replaced. A file that
+    kept fewer features than `keep_features` asks for (e.g. one written before KID) is
+    recomputed and replaced."""
     path = Path(path)
     if path.exists():
         try:
             stats = RunningStats.load(path, key)
-            log.info("loaded cached statistics %s (%d samples)", path, stats.count)
-            return stats
         except ValueError:
             if not overwrite:
                 raise
             log.warning("replacing cached statistics %s: made with another key", path)
-    stats = compute_statistics(feature_net, make_batches(), key, progress=progress)
+        else:
+            wanted = min(_feature_cap(keep_features), stats.count)
+            if stats.num_features >= wanted:
+                log.info("loaded cached statistics %s (%d samples)", path, stats.count)
+                return stats
+            log.info("recomputing cached statistics %s: it kept %d features, %d wanted", path,
+                     stats.num_features, wanted)
+    stats = compute_statistics(feature_net, make_batches(), key, progress=progress,
+                               keep_features=keep_features)
     stats.save(path)
     return stats
 
@@ -265,8 +315,11 @@ def fid_and_inception_score(net: torch.nn.Module, batches: Iterable[Tensor], ref
                             key: str = "samples") -> dict[str, float]:
     """FID against `reference` and IS of the images in `batches`, from one pass of the FID
     Inception network `net` (pool3 features for FID; the unbiased 1008-way logits of its fc
-    layer, as torch-fidelity, for IS: 10 splits from 100 images up, else 1)."""
-    stats, probs = RunningStats(net.dim, key=key), []
+    layer, as torch-fidelity, for IS: 10 splits from 100 images up, else 1). When `reference`
+    kept features (RunningStats `keep_features`), also "kid" and "kid_se"
+    (`kernel_inception_distance`, seed 0) between every image's pool3 features and those."""
+    with_kid = reference.num_features > 0
+    stats, probs = RunningStats(net.dim, key=key, keep_features=with_kid), []
     with torch.inference_mode():
         for batch in batches:
             feats = net.features(batch)
@@ -274,6 +327,9 @@ def fid_and_inception_score(net: torch.nn.Module, batches: Iterable[Tensor], ref
             probs.append((feats.float() @ net.fc.weight.float().T).softmax(-1).cpu())
     probs = torch.cat(probs)
     is_mean, is_std = inception_score(probs, splits=10 if probs.shape[0] >= 100 else 1)
-    return {"fid": frechet_distance(stats.mean, stats.cov, reference.mean, reference.cov), "is": is_mean,
-            "is_std": is_std}
+    out = {"fid": frechet_distance(stats.mean, stats.cov, reference.mean, reference.cov), "is": is_mean,
+           "is_std": is_std}
+    if with_kid:
+        out["kid"], out["kid_se"] = kernel_inception_distance(stats.features, reference.features)
+    return out
 
