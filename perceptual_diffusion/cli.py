@@ -1,7 +1,9 @@
 """The `perceptual-diffusion` command line: train, sample, evaluate, recipes.
 
 A user error (bad recipe key or value, missing file or checkpoint) prints one line and exits
-with status 2; SIGTERM / SIGINT during training save a checkpoint and exit with 143 / 130.
+with status 2; SIGTERM / SIGINT during training save a checkpoint and exit with 143 / 130. A
+training run stopped by a NaN or inf loss or gradient exits with status 1, one stopped by a
+diverging loss (train.divergence = "stop") with status 3; both print one line.
 """
 
 from __future__ import annotations
@@ -175,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="sample from a checkpoint and measure; writes JSON, prints one row")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--metric", action="append", required=True,
-                   help="circles | digits | inception (FID and IS; needs the FID Inception weights); repeatable")
+                   help="circles | digits (FID, KID, IS) | inception (FID, KID and IS; needs the FID Inception "
+                        "weights) | spectrum (radial power spectrum against the data) | moving_shapes | tones; "
+                        "repeatable")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=1.0)
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import RecipeError
-    from .trainer import NonFiniteError
+    from .trainer import DivergenceError, NonFiniteError
 
     args = build_parser().parse_args(argv)  # argparse itself exits with status 2 on bad flags
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -207,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"perceptual-diffusion: training stopped: {e}", file=sys.stderr)
         return 1
+    except DivergenceError as e:
+        print(f"perceptual-diffusion: training stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ accelerate FSDP config) or DeepSpeed ZeRO-1/2 (an accelerate DeepSpeed config).
 Nothing is lost on a fault: checkpoints are atomic and hold every state needed for an exact
 resume (weights, EMA, optimizer, LR schedule, grad scaler, every process's RNG, the data
 position); SIGTERM/SIGINT save at the next step boundary; a non-finite loss or gradient stops
-the run naming the step (or, with ``train.nonfinite = "skip"``, skips and counts the step).
+the run naming the step (or, with ``train.nonfinite = "skip"``, skips and counts the step); a
+sustained finite loss spike stops it naming the last checkpoint saved before the rise
+(`DivergenceGuard`; ``train.divergence = "warn"`` only warns).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import logging
 import math
 import os
 import signal
+import statistics
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +53,9 @@ from .schedule import NoiseSchedule
 from .sharding import (clip_grad_norm, full_fp32_params, full_state_dict, is_sharded, load_deepspeed_state,
                        load_optimizer_state, optimizer_state, shard)
 
-__all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "build_model", "build_schedule",
-           "check_device_support", "final_checkpoint", "run_info", "sharding_plan", "deepspeed_plan"]
+__all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "DivergenceError", "DivergenceGuard",
+           "build_model", "build_schedule", "check_device_support", "final_checkpoint", "run_info", "sharding_plan",
+           "deepspeed_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,77 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 class NonFiniteError(RuntimeError):
     """A NaN or inf loss or gradient (train.nonfinite = "stop")."""
+
+
+class DivergenceError(RuntimeError):
+    """A sustained loss spike (train.divergence = "stop"); `report` holds the figures and the
+    last good checkpoint, as written to summary.json."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+class DivergenceGuard:
+    """Detects a sustained loss spike: the median loss of the last `window` steps staying above
+    `factor` x its running minimum for `window` consecutive steps.
+
+    A median over a window, not the step's loss: one batch's loss at random t (and t') is often
+    3x, in stage sp 15x, another's, and a few outlier batches hardly move a median. The statistic
+    runs from the first full window, so a rise at the end of the warm-up is measured against the
+    loss before it; a spike is confirmed no earlier than step `start` (the warm-up plus one
+    window). The gradient norm is reported, not a trigger: its scale changes by orders of
+    magnitude over a healthy run, and a norm that blows up either drags the loss along (caught
+    here) or turns non-finite (caught by train.nonfinite).
+    """
+
+    def __init__(self, factor: float, window: int, start: int):
+        self.factor, self.window, self.start = factor, window, start
+        self.losses: deque[float] = deque(maxlen=window)
+        self.norms: deque[float] = deque(maxlen=window)
+        self.best = math.inf             # running minimum of the median loss
+        self.best_norm = math.nan        # the median grad norm when it was reached
+        self.above = 0                   # consecutive steps with median > factor x best
+        self.fired: int | None = None    # began() of the confirmed spike; the guard is then done
+
+    def update(self, step: int, loss: float, grad_norm: float) -> bool:
+        """Feed stage step `step` (1-based); True once, at the step a spike is confirmed."""
+        if self.fired is not None:
+            return False
+        self.losses.append(loss)
+        if math.isfinite(grad_norm):  # NaN when DeepSpeed computed none, inf on a loss scaler's skipped step
+            self.norms.append(grad_norm)
+        if len(self.losses) < self.window:
+            return False
+        median = self.median()
+        self.above = self.above + 1 if median > self.factor * self.best else 0
+        if median < self.best:
+            self.best, self.best_norm = median, self.median_norm()
+        if self.above >= self.window and step >= self.start:
+            self.fired = self.began(step)
+            return True
+        return False
+
+    def began(self, step: int) -> int:
+        """After step `step`: the earliest step at which a spike confirmed now or later can have
+        begun (the first step of the window whose median first crossed the threshold); what was
+        saved before it is good."""
+        return self.fired if self.fired is not None else step - self.above - self.window + 2
+
+    def median(self) -> float:
+        return statistics.median(self.losses)
+
+    def median_norm(self) -> float:
+        return statistics.median(self.norms) if self.norms else math.nan
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "norms": list(self.norms), "best": self.best,
+                "best_norm": self.best_norm, "above": self.above, "fired": self.fired}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.extend(state["losses"])
+        self.norms.extend(state["norms"])
+        self.best, self.best_norm, self.above, self.fired = (state[k] for k in ("best", "best_norm", "above", "fired"))
 
 
 @dataclass
@@ -415,6 +491,12 @@ class Trainer:
                 result.stages.append(stage_result)
             self._finish(result)
             return result
+        except DivergenceError as e:
+            if self.is_main:  # the run ends here: the summary names the spike and the last good checkpoint
+                summary = {"run_dir": str(self.run_dir), "stages": [asdict(s) for s in result.stages],
+                           "diverged": e.report}
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            raise
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -455,6 +537,29 @@ class Trainer:
         if final is None:
             raise FileNotFoundError(f"no final stage-1 (mse) checkpoint in {self.run_dir}; set sp.init")
         return final
+
+    def _last_before(self, step: int) -> Path | None:
+        """The newest complete checkpoint of the run saved before global step `step`, or None."""
+        return next((p for p in reversed(list_checkpoints(self.run_dir)) if _meta_of(p)["step"] < step), None)
+
+    def _spike(self, stage: str, step: int, offset: int, guard: DivergenceGuard, grad_norm: float) -> tuple[str, dict]:
+        """One line on the spike `guard` confirmed at stage step `step`, and its report for summary.json."""
+        began = offset + guard.began(step)
+        good = self._last_before(began)
+        report = {"stage": stage, "stage_step": step, "step": offset + step, "rise_began_at_step": began,
+                  "median_loss": guard.median(), "min_median_loss": guard.best, "factor": guard.factor,
+                  "window": guard.window, "grad_norm": grad_norm, "median_grad_norm": guard.median_norm(),
+                  "median_grad_norm_at_min": guard.best_norm, "last_good_checkpoint": str(good) if good else None,
+                  "checkpoints_after_the_rise": [str(p) for p in list_checkpoints(self.run_dir)
+                                                 if _meta_of(p)["step"] >= began]}
+        use = " or use it as sp.init" if stage == "mse" else ""
+        message = (f"loss diverging at {stage} step {step} (global step {offset + step}): the median loss of the last "
+                   f"{guard.window} steps, {guard.median():.4g}, has stayed above {guard.factor:g} x its minimum "
+                   f"{guard.best:.4g} for {guard.window} steps (the rise began at global step {began}); grad norm "
+                   f"{grad_norm:.3g} (median {guard.median_norm():.3g}, {guard.best_norm:.3g} at the minimum); "
+                   + (f"the last good checkpoint is {good} (--resume it with other settings{use})" if good
+                      else "no checkpoint was saved before the rise"))
+        return message, report
 
     def _run_stage(self, stage: str, resume: Path | None, stop_after: int | None) -> StageResult | None:
         acc, recipe, cfg = self.accelerator, self.recipe, self._stage_cfg(stage)
@@ -541,6 +646,11 @@ class Trainer:
                 log.warning("resuming %d processes from a checkpoint of %d: RNG streams restart", world, len(rngs))
             else:
                 restore_rng_state(rngs[rank], {"objective": gen})
+        t = recipe.train
+        guard = None if t.divergence == "off" else DivergenceGuard(
+            t.divergence_factor, t.divergence_window, start=cfg.warmup_steps + t.divergence_window)
+        if guard is not None and state.get("divergence"):
+            guard.load_state_dict(state["divergence"])
 
         def save(final: bool) -> Path:
             rng = gather_object([capture_rng_state({"objective": gen})])
@@ -558,10 +668,14 @@ class Trainer:
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     "rng": rng, "data_position": list(data_pos), "stage_step": step,
                     "ema_updates": ema.num_updates, "counters": counters,
+                    "divergence": guard.state_dict() if guard is not None else None,
                 }
                 meta = {"stage": stage, "stage_step": step, "final": final, "recipe": recipe_to_dict(recipe)}
+                # rotation spares the checkpoint that a spike confirmed later would name as the last good one
+                good = guard and self._last_before(offset + guard.began(step))
                 path = save_checkpoint(self.run_dir, offset + step, weights=weights, state=ck_state, meta=meta,
-                                       keep_last=recipe.train.keep_last, keep=lambda p: _meta_of(p).get("final", False))
+                                       keep_last=recipe.train.keep_last,
+                                       keep=lambda p: p == good or _meta_of(p).get("final", False))
             acc.wait_for_everyone()
             return path or self.run_dir
 
@@ -605,7 +719,10 @@ class Trainer:
             loss_mean = loss_sum / cfg.grad_accum
             bad_grad = acc.scaler is None and norm is not None and not math.isfinite(grad_norm)
             bad = torch.tensor(float(not torch.isfinite(loss_mean).item() or bad_grad), device=self.device)
-            if acc.reduce(bad, "sum").item() > 0:
+            # one collective: is any process's step non-finite, and the loss summed over processes (the
+            # divergence guard sees the same figure on every process, so all of them stop together)
+            bad, world_loss = acc.reduce(torch.stack([bad, loss_mean.float()]), "sum").tolist()
+            if bad > 0:
                 what = f"non-finite {'loss' if not torch.isfinite(loss_mean).item() else 'gradient'}"
                 if recipe.train.nonfinite == "stop":
                     raise NonFiniteError(f"{what} at {stage} step {step + 1} (global step {offset + step + 1}); "
@@ -624,6 +741,11 @@ class Trainer:
                 masters = self.deepspeed and next(online.parameters()).dtype != torch.float32
                 ema.update(online, full_fp32_params(online) if masters else None)
                 window.append(loss_mean.item())
+                if guard is not None and guard.update(step + 1, world_loss / acc.num_processes, grad_norm):
+                    message, report = self._spike(stage, step + 1, offset, guard, grad_norm)
+                    if t.divergence == "stop":
+                        raise DivergenceError(message, report)
+                    log.warning("%s; training on (train.divergence = 'warn')", message)
             step += 1
             bar.update(1)
             if window:

@@ -133,6 +133,9 @@ def test_digits_recipes_differ_only_in_the_condition():
         ("mse.ema_warmup=false", lambda r: r.mse.ema_warmup, False),     # bool
         ("train.compile=true", lambda r: r.train.compile, True),
         ("data.conditional=true", lambda r: r.data.conditional, True),
+        ("train.divergence=off", lambda r: r.train.divergence, "off"),
+        ("train.divergence_factor=3", lambda r: r.train.divergence_factor, 3.0),  # int accepted as float
+        ("train.divergence_window=100", lambda r: r.train.divergence_window, 100),
     ],
 )
 def test_override_applies(item, get, expected):
@@ -249,6 +252,10 @@ def test_bad_override_is_one_clear_line(item, message):
         (["sp.normal_std=0"], "sp.normal_std must be > 0, got 0.0"),
         (["train.mixed_precision=fp8"], "train.mixed_precision must be one of 'no', 'fp16', 'bf16', got 'fp8'"),
         (["train.nonfinite=ignore"], "train.nonfinite must be one of 'stop', 'skip', got 'ignore'"),
+        (["train.divergence=skip"], "train.divergence must be one of 'stop', 'warn', 'off', got 'skip'"),
+        (["train.divergence_factor=1"], "train.divergence_factor must be > 1, got 1.0"),
+        (["train.divergence_window=1"], "train.divergence_window must be >= 2, got 1"),
+        (["train.divergence_window=5.0"], "train.divergence_window must be an int, got float 5.0"),
         (["train.log_every=0"], "train.log_every must be >= 1, got 0"),
         (["train.sample_every=-1"], "train.sample_every must be >= 0, got -1"),
         (["train.checkpoint_every=-1"], "train.checkpoint_every must be >= 0, got -1"),
@@ -431,6 +438,9 @@ RICH = [
     "model.overrides.gradient_checkpointing=true",
     'model.overrides."dotted.key"={inner = [1, {x = "y"}], empty = {}}',
     "mse.lr=1.5e-7",
+    "train.divergence=warn",
+    "train.divergence_factor=2.5",
+    "train.divergence_window=20",
     'train.stages=["mse"]',
 ]
 
