@@ -4,8 +4,9 @@
     python benchmarks/attention_backends.py --device cpu --smoke     # CPU: SDPA runs, xformers is refused
 
 For each backbone (ImageUNet, VideoUNet, AudioDiT at their `default` presets, the diffusers
-SD2.1-base UNet layout) one network is built with attention_backend="sdpa" and a second with
-"xformers" holding the same weights; both run the same batch under bf16 autocast. Reported: the
+SD2.1-base UNet layout) one network is built with attention_backend="sdpa" (its zero-initialised
+output layers filled with noise, so attention reaches the output) and a second with "xformers"
+holding the same weights; both run the same batch under bf16 autocast. Reported: the
 largest absolute difference of the outputs relative to the outputs' RMS (bf16 keeps 8 bits of
 mantissa, so agreement means about 1e-2 or better), and the median forward + backward time of
 each backend, measured interleaved in one process, with its ratio to SDPA.
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbones import BACKBONES  # noqa: E402
 from backbones.layers import check_attention_backend, check_attention_backends  # noqa: E402
+from tests.helpers import randomise_zero_init  # noqa: E402  (a fresh net's attention adds exactly 0)
 
 # backbone -> (preset on the GPU, preset for --smoke, one sample's shape, cond kind)
 CASES = {
@@ -98,7 +100,7 @@ def main() -> int:
         if args.smoke:
             shape = shape[:-2] + tuple(min(s, 16) for s in shape[-2:]) if len(shape) > 2 else (shape[0], 256)
         torch.manual_seed(0)
-        nets = {"sdpa": build(name, preset, shape, "sdpa").to(device)}
+        nets = {"sdpa": randomise_zero_init(build(name, preset, shape, "sdpa")).to(device)}
         if refusal is None:
             nets["xformers"] = build(name, preset, shape, "xformers").to(device)
             nets["xformers"].load_state_dict(nets["sdpa"].state_dict())

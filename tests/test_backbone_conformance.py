@@ -21,6 +21,8 @@ from backbones.base import Backbone
 from perceptual_diffusion import make_perceptual
 from perceptual_diffusion.denoiser import TappedDenoiser
 
+from helpers import randomise_zero_init
+
 
 @dataclass
 class Case:
@@ -64,22 +66,11 @@ def test_every_registered_backbone_has_a_case():
     assert not missing, f"add a conformance case for {missing}"
 
 
-def _randomise(net: nn.Module) -> nn.Module:
-    """Replace zero-initialised output layers (adaLN-Zero, zero-init projections) with noise, so
-    every path of the net carries signal and a skipped module would show up in the outputs."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return net
-
-
 @pytest.fixture(params=sorted(BACKBONES))
 def case(request) -> tuple[str, nn.Module, Case]:
     torch.manual_seed(0)
     c = CASES[request.param]()
-    return request.param, _randomise(c.build()).eval(), c
+    return request.param, randomise_zero_init(c.build()).eval(), c
 
 
 def _inputs(net: nn.Module, c: Case, n: int = 2) -> tuple[Tensor, Tensor, Any]:
@@ -190,7 +181,7 @@ OWN = sorted(name for name, cls in BACKBONES.items() if isinstance(cls, type) an
 def _own(name: str, **overrides: Any) -> tuple[nn.Module, Tensor, Tensor]:
     """A perturbed tiny `name` with `overrides`, and an input batch of 2 of its case's shape."""
     torch.manual_seed(0)
-    net = _randomise(build_backbone(name, "tiny", in_channels=1, **overrides)).eval()
+    net = randomise_zero_init(build_backbone(name, "tiny", in_channels=1, **overrides)).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every path carries signal, not only the zero-initialised ones
         for p in net.parameters():

@@ -14,6 +14,8 @@ from backbones import BACKBONES, build_backbone
 from backbones.layers import attention
 from perceptual_diffusion import NoiseSchedule, SelfPerceptual, make_perceptual
 
+from helpers import randomise_zero_init
+
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 needs_xformers = pytest.mark.skipif(importlib.util.find_spec("xformers") is None, reason="needs xformers")
@@ -33,11 +35,8 @@ def _case(name: str, backend: str):
         net = build_backbone(name, "tiny", in_channels=1, num_classes=3, attention_backend=backend)
         shape = {"image_unet": (1, 16, 16), "video_unet": (1, 4, 16, 16), "audio_dit": (1, 256)}[name]
         cond = torch.arange(4) % 3
+    randomise_zero_init(net)  # no zero-initialised path: every attention layer must reach the output
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # no zero-initialised path: every attention layer must reach the output
-        for p in net.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     x, t = torch.randn(4, *shape, generator=g), torch.randint(0, 1000, (4,), generator=g)
     return net.cuda(), x.cuda(), t.cuda(), cond.cuda()
 

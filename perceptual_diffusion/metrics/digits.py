@@ -256,7 +256,7 @@ def digits_metrics(samples: Tensor, labels: Tensor | None = None,
     - "digits_fid": Frechet distance between the classifier's penultimate features of the
       samples and of the 1,797 real digits at size S.
     - "digits_kid", "digits_kid_se": KID between the same features, with its standard error
-      (`kernel_inception_distance`: subsets of min(1000, N) rows, seed 0).
+      (`kernel_inception_distance`: every row up to 2,896 samples, subsets beyond).
     - "digits_is", "digits_is_std": Inception Score of the softmax probabilities over 10 splits
       (1 split when N < 100: fewer samples per split bias the score low).
     - "label_accuracy" (when `labels` (N,) are given): fraction classified as their
