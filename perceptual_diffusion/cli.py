@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import RecipeError
-    from .trainer import DivergenceError, NonFiniteError
+    from .trainer import DivergenceError, NonFiniteError, PerceptualCheckError
 
     args = build_parser().parse_args(argv)  # argparse itself exits with status 2 on bad flags
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"perceptual-diffusion: training stopped: {e}", file=sys.stderr)
         return 1
-    except DivergenceError as e:
+    except (DivergenceError, PerceptualCheckError) as e:  # a model that trained into the ground
         print(f"perceptual-diffusion: training stopped: {e}", file=sys.stderr)
         return 3
 

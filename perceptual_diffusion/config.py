@@ -111,6 +111,11 @@ class SPStageConfig(StageConfig):
     mse_weight: float = 0.0          # + mse_weight * eq. 5 from the same forward
     near_offset: int = 40
     normal_std: float = 100.0
+    # Before training, the frozen network's v-MSE on the fixed validation batch (train.validation_size)
+    # is compared with the best loss its stage-1 checkpoint recorded (the divergence guard's running
+    # minimum of the median loss); above check_factor x that, the stage stops: the stage-1 model
+    # looks diverged or broken. 0 turns the check off.
+    check_factor: float = 3.0
 
 
 @dataclass
@@ -134,6 +139,11 @@ class TrainConfig:
     divergence: str = "stop"         # stop | warn | off
     divergence_factor: float = 2.0
     divergence_window: int = 50
+    # Diagnostics on one fixed validation batch (its own RNG; training's streams are untouched):
+    # every log_every steps both stages log val_vmse (eq. 5) and, where there is a frozen network
+    # (stage sp's f_*, or the start weights of an mse stage with mse.init), val_sp (eq. 12, mid taps).
+    # 0 turns the diagnostics and sp.check_factor's check off.
+    validation_size: int = 32
     compile: bool = False            # torch.compile the online net (GPU users)
     fsdp: bool = False               # shard weights, gradients, optimizer state across processes (FSDP2)
 
@@ -513,6 +523,8 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     _at_least("sp.mse_weight", p.mse_weight, 0)
     _at_least("sp.near_offset", p.near_offset, 0)
     _above("sp.normal_std", p.normal_std, 0)
+    if p.check_factor != 0:
+        _above("sp.check_factor (or 0 to turn the check off)", p.check_factor, 1)
 
     t = r.train
     stages = list(t.stages)
@@ -530,6 +542,7 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
         raise RecipeError("train.fsdp supports mixed_precision 'no' or 'bf16', not 'fp16' (its loss scaler "
                           "would need to agree across shards); use bf16")
     _at_least("train.log_every", t.log_every, 1)
+    _at_least("train.validation_size", t.validation_size, 0)
     _at_least("train.sample_every", t.sample_every, 0)
     _at_least("train.checkpoint_every", t.checkpoint_every, 0)
     _at_least("train.keep_last", t.keep_last, 1)

@@ -50,10 +50,12 @@ from .media import save_samples
 from .objectives import SelfPerceptual, VelocityMSE, make_perceptual
 from .sampling import ddim_sample
 from .schedule import NoiseSchedule
+from .validation import ValidationBatch
 from .sharding import (clip_grad_norm, full_fp32_params, full_state_dict, is_sharded, load_deepspeed_state,
                        load_optimizer_state, optimizer_state, shard)
 
 __all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "DivergenceError", "DivergenceGuard",
+           "PerceptualCheckError",
            "build_model", "build_schedule", "check_device_support", "final_checkpoint", "run_info", "sharding_plan",
            "deepspeed_plan"]
 
@@ -73,6 +75,11 @@ class DivergenceError(RuntimeError):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
+
+
+class PerceptualCheckError(RuntimeError):
+    """Stage sp's frozen network fails `sp.check_factor`'s check: its v-MSE on the validation batch
+    is far above the best loss its stage-1 checkpoint recorded (a diverged or broken model)."""
 
 
 class DivergenceGuard:
@@ -405,6 +412,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, self.run_dir / "recipe.toml")
         self._tb = self._tensorboard() if self.is_main else None
+        self._validation: ValidationBatch | None = None
 
     # ------------------------------------------------------------------ small helpers
     def _stage_cfg(self, stage: str) -> StageConfig:
@@ -431,6 +439,56 @@ class Trainer:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step",):
                     self._tb.add_scalar(f"{record['stage']}/{k}", v, record["step"])
+
+    def validation(self) -> ValidationBatch | None:
+        """The fixed validation batch (None with train.validation_size = 0), built on first use."""
+        n = self.recipe.train.validation_size
+        if n and self._validation is None:
+            encode = None
+            if self.latent is not None:  # a fixed posterior sample of the VAE
+                g = torch.Generator(device=self.device).manual_seed(self.recipe.seed + 54321)
+                encode = lambda x: self.latent.encode_images(x.to(self.device), generator=g).cpu()  # noqa: E731
+            self._validation = ValidationBatch.from_dataset(
+                self.dataset, n, self.schedule, seed=self.recipe.seed + 54321,
+                condition=lambda b: self._condition(b, 0.0, None), encode=encode)
+        return self._validation
+
+    def _check_perceptual(self, perceptual: torch.nn.Module, source: Path) -> None:
+        """Stage sp's sanity check of f_* (sp.check_factor): its v-MSE on the validation batch
+        against the best loss stage 1 recorded in `source`; PerceptualCheckError naming a
+        checkpoint of that run that passes, if one does."""
+        factor, val = self.recipe.sp.check_factor, self.validation()
+        info = _meta_of(source)
+        best = info.get("best_loss")
+        if not factor or val is None:
+            return
+        if info.get("stage") != "mse" or best is None or not math.isfinite(best):
+            log.info("sp: %s records no stage-1 loss to check the perceptual network against", source)
+            return
+        vmse = self._reduce_max(val.vmse(perceptual.to(self.device), self.accelerator.autocast))
+        self._log({"step": self.offsets["sp"], "stage": "sp", "stage_step": 0, "perceptual_val_vmse": vmse,
+                   "stage1_best_loss": best, "source": str(source)})
+        if vmse <= factor * best:
+            return
+        which = self.recipe.sp.perceptual_weights
+        better = None
+        for path in reversed(list_checkpoints(source.parent.parent)):  # its run's, newest first, before it
+            other = _meta_of(path)
+            if other.get("stage") != "mse" or other["step"] >= info["step"]:
+                continue
+            net = self._frozen(load_checkpoint(path).weights["model" if which == "online" else "ema"]).to(self.device)
+            if self._reduce_max(val.vmse(net, self.accelerator.autocast)) <= factor * best:
+                better = path
+                break
+        hint = (f"use {better} as sp.init" if better else "no earlier stage-1 checkpoint of that run passes")
+        raise PerceptualCheckError(
+            f"sp: the perceptual network ({which} weights of {source}) has v-MSE {vmse:.4g} on the validation "
+            f"batch, {vmse / best:.1f} x the best stage-1 loss {best:.4g} (sp.check_factor = {factor:g}): the "
+            f"stage-1 model looks diverged or broken; {hint} (or set sp.check_factor = 0)")
+
+    def _reduce_max(self, value: float) -> float:
+        """The largest of every process's `value` (so all of them take the same decision)."""
+        return max(self.accelerator.gather(torch.tensor([value], device=self.device)).tolist())
 
     def _perceptual_dtype(self) -> torch.dtype:
         d = self.recipe.sp.perceptual_dtype
@@ -581,9 +639,16 @@ class Trainer:
             if stage == "sp":
                 perceptual = self._frozen(ck.weights["perceptual"])
         elif stage == "sp":
-            perceptual = self._init_sp(model, self._stage1_source())
+            source = self._stage1_source()
+            perceptual = self._init_sp(model, source)
+            self._check_perceptual(perceptual, source)
         elif cfg.init:  # stage mse continued from a checkpoint (the matched control of an SP run)
             self._load_start(model, "mse", resolve_checkpoint(cfg.init, self.run_dir), cfg.init_weights)
+        # the frozen network of the val_sp diagnostic: stage sp's f_*, or an mse stage's start weights
+        reference = perceptual
+        if stage == "mse" and cfg.init and self.validation() is not None:
+            start = load_checkpoint(resolve_checkpoint(cfg.init, self.run_dir))
+            reference = self._frozen(start.weights["model" if cfg.init_weights == "online" else "ema"])
         ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
         if resume is not None:
             ema.load_state_dict({"model": ck.weights["ema"], "num_updates": state["ema_updates"]})
@@ -612,8 +677,8 @@ class Trainer:
         if resume is not None and state.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
         ema.model.to(self.device)
-        if perceptual is not None:
-            perceptual.to(self.device)  # never wrapped in DDP, never given to the optimizer
+        for frozen in {id(n): n for n in (perceptual, reference) if n is not None}.values():
+            frozen.to(self.device)  # never wrapped in DDP, never given to the optimizer
 
         objective = (VelocityMSE(self.schedule) if stage == "mse" else SelfPerceptual(
             self.schedule, perceptual, layers=recipe.sp.layers, t_prime=recipe.sp.t_prime,
@@ -639,6 +704,9 @@ class Trainer:
             return batch
 
         step = state.get("stage_step", 0)
+        if step > cfg.steps:
+            raise RecipeError(f"{stage}.steps = {cfg.steps}, but {resume} is at {stage} step {step}: set "
+                              f"{stage}.steps >= {step} to resume from it")
         counters = dict(state.get("counters", {"skipped_nonfinite": 0, "skipped_items": 0}))
         if resume is not None:
             rngs = state["rng"]
@@ -647,9 +715,10 @@ class Trainer:
             else:
                 restore_rng_state(rngs[rank], {"objective": gen})
         t = recipe.train
-        guard = None if t.divergence == "off" else DivergenceGuard(
-            t.divergence_factor, t.divergence_window, start=cfg.warmup_steps + t.divergence_window)
-        if guard is not None and state.get("divergence"):
+        # the guard runs with train.divergence = "off" too: its running minimum is the stage's best
+        # loss, recorded in every checkpoint (stage sp checks its perceptual network against it)
+        guard = DivergenceGuard(t.divergence_factor, t.divergence_window, start=cfg.warmup_steps + t.divergence_window)
+        if state.get("divergence"):
             guard.load_state_dict(state["divergence"])
 
         def save(final: bool) -> Path:
@@ -668,11 +737,12 @@ class Trainer:
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     "rng": rng, "data_position": list(data_pos), "stage_step": step,
                     "ema_updates": ema.num_updates, "counters": counters,
-                    "divergence": guard.state_dict() if guard is not None else None,
+                    "divergence": guard.state_dict(),
                 }
-                meta = {"stage": stage, "stage_step": step, "final": final, "recipe": recipe_to_dict(recipe)}
+                meta = {"stage": stage, "stage_step": step, "final": final, "recipe": recipe_to_dict(recipe),
+                        "best_loss": guard.best if math.isfinite(guard.best) else None}
                 # rotation spares the checkpoint that a spike confirmed later would name as the last good one
-                good = guard and self._last_before(offset + guard.began(step))
+                good = t.divergence != "off" and self._last_before(offset + guard.began(step))
                 path = save_checkpoint(self.run_dir, offset + step, weights=weights, state=ck_state, meta=meta,
                                        keep_last=recipe.train.keep_last,
                                        keep=lambda p: p == good or _meta_of(p).get("final", False))
@@ -684,6 +754,22 @@ class Trainer:
         window: list[float] = []
         t_start, last_loss = time.time(), float("nan")
         model.train()
+        val = self.validation()
+        online_net = model if self.fsdp else acc.unwrap_model(model)  # a sharded forward is collective
+
+        def diagnostics() -> dict:
+            if val is None:
+                return {}
+            out = {"val_vmse": val.vmse(online_net, acc.autocast)}
+            if reference is not None:
+                out["val_sp"] = val.sp(online_net, reference, autocast=acc.autocast)
+            return out
+
+        path = None
+        if step == cfg.steps:  # resumed at the stage's (shortened) end: finish it
+            log.info("%s: resumed at step %d = %s.steps; ending the stage", stage, step, stage)
+            self._sample(ema.model, f"{stage}-{offset + step:07d}")
+            path = save(True)
         while step < cfg.steps:
             loss_sum = torch.zeros((), device=self.device)
             for micro in range(cfg.grad_accum):
@@ -741,7 +827,8 @@ class Trainer:
                 masters = self.deepspeed and next(online.parameters()).dtype != torch.float32
                 ema.update(online, full_fp32_params(online) if masters else None)
                 window.append(loss_mean.item())
-                if guard is not None and guard.update(step + 1, world_loss / acc.num_processes, grad_norm):
+                fired = guard.update(step + 1, world_loss / acc.num_processes, grad_norm)
+                if fired and t.divergence != "off":
                     message, report = self._spike(stage, step + 1, offset, guard, grad_norm)
                     if t.divergence == "stop":
                         raise DivergenceError(message, report)
@@ -757,7 +844,7 @@ class Trainer:
                 last_loss = acc.gather(local.reshape(1)).mean().item()
                 self._log({"step": global_step, "stage": stage, "stage_step": step, "loss": last_loss,
                            "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
-                           "ema_decay": ema.current_decay(), **counters,
+                           "ema_decay": ema.current_decay(), **counters, **diagnostics(),
                            "elapsed_s": round(time.time() - t_start, 3)})
                 window.clear()
             final = step == cfg.steps
