@@ -195,6 +195,7 @@ class AudioDiT(Backbone):
     """
 
     SHARD_UNITS: ClassVar[tuple[str, ...]] = ("DiTBlock",)  # FSDP units
+    EXAMPLE_INPUT_SHAPE: ClassVar[tuple[int, ...]] = (1, 256)
     PRESETS: ClassVar[dict[str, AudioDiTConfig]] = {
         "tiny": AudioDiTConfig(patch_size=16, hidden_dim=64, depth=4, num_heads=4),
         "default": AudioDiTConfig(),

@@ -6,6 +6,7 @@ the `time_embed` / `label_embed` modules that `_embed_conditioning` reads:
 
     class MyNet(Backbone):
         PRESETS = {"tiny": MyNetConfig(...)}
+        EXAMPLE_INPUT_SHAPE = (3, 16, 16)   # one sample for "tiny": the conformance tests' example
         def __init__(self, config=None, **overrides):
             super().__init__()
             self.config = apply_overrides(config or MyNetConfig(), overrides, "MyNet")
@@ -16,7 +17,8 @@ Error messages name the concrete class (``type(self).__name__``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -27,13 +29,32 @@ from perceptual_diffusion.denoiser import TappedDenoiser
 
 from .layers import ATTENTION_BACKENDS, timestep_embedding
 
-__all__ = ["Backbone", "apply_overrides", "unet_feature_info"]
+__all__ = ["Backbone", "ConformanceExample", "apply_overrides", "unet_feature_info"]
 
 _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 # typing.Self needs Python 3.11; the project supports 3.10
 B = TypeVar("B", bound="Backbone")
 C = TypeVar("C")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConformanceExample:
+    """A tiny instance of a backbone, for the conformance kit (`perceptual_diffusion.testing`).
+
+    `build(**overrides)` makes a fresh net (`build(gradient_checkpointing=True)` one with it on,
+    when `checkpointing`); `input_shape` is one sample; `make_cond(n)` a condition for a batch
+    of n (None: the example is unconditional).
+    """
+
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    make_cond: Callable[[int], Any] | None = None
+    checkpointing: bool = False
+
+
+def _three_labels(n: int) -> Tensor:
+    return torch.arange(n) % 3
 
 
 class Backbone(TappedDenoiser):
@@ -44,6 +65,7 @@ class Backbone(TappedDenoiser):
     """
 
     PRESETS: ClassVar[dict[str, Any]] = {}
+    EXAMPLE_INPUT_SHAPE: ClassVar[tuple[int, ...]] = ()  # one sample the "tiny" preset takes
     config: Any
     time_embed: nn.Module
     label_embed: nn.Embedding | None
@@ -54,6 +76,14 @@ class Backbone(TappedDenoiser):
         if name not in cls.PRESETS:
             raise ValueError(f"unknown {cls.__name__} preset {name!r}; presets: {', '.join(cls.PRESETS)}")
         return cls(cls.PRESETS[name], **overrides)
+
+    @classmethod
+    def conformance_example(cls) -> ConformanceExample:
+        """The "tiny" preset on one sample of `EXAMPLE_INPUT_SHAPE`, with 3 classes."""
+        if not cls.EXAMPLE_INPUT_SHAPE:
+            raise NotImplementedError(f"{cls.__name__} sets no EXAMPLE_INPUT_SHAPE for its conformance example")
+        build = functools.partial(cls.from_preset, "tiny", in_channels=cls.EXAMPLE_INPUT_SHAPE[0], num_classes=3)
+        return ConformanceExample(build, cls.EXAMPLE_INPUT_SHAPE, _three_labels, checkpointing=True)
 
     def null_cond(self, cond: Any) -> Any:
         """The unconditional counterpart of `cond`: the null label (same shape) for class labels."""

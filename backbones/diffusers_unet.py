@@ -30,6 +30,7 @@ from torch import Tensor
 
 from perceptual_diffusion.denoiser import TappedDenoiser
 
+from .base import ConformanceExample
 from .layers import ATTENTION_BACKENDS, check_attention_backend
 
 try:
@@ -239,6 +240,21 @@ class DiffusersUNet(TappedDenoiser):
         if "in_channels" in overrides and "out_channels" not in overrides:
             cfg["out_channels"] = overrides["in_channels"]
         return cls.from_config(cfg, **adapter)
+
+    @classmethod
+    def conformance_example(cls) -> ConformanceExample:
+        """The "tiny" preset on 8x8 latents with a fixed null context, conditioned on contexts of 5 tokens."""
+        dim = cls.PRESETS["tiny"]["cross_attention_dim"]
+
+        def build(**overrides: Any) -> DiffusersUNet:
+            net = cls.from_preset("tiny", **overrides)
+            net.set_null_context(torch.randn(1, 5, dim, generator=torch.Generator().manual_seed(1)))
+            return net
+
+        def make_cond(n: int) -> Tensor:
+            return torch.randn(n, 5, dim, generator=torch.Generator().manual_seed(2))
+
+        return ConformanceExample(build, (cls.PRESETS["tiny"]["in_channels"], 8, 8), make_cond, checkpointing=True)
 
     # ------------------------------------------------------------------ null context
     def set_null_context(self, context: Tensor) -> None:

@@ -82,6 +82,7 @@ class ImageUNet(Backbone):
     """
 
     SHARD_UNITS: ClassVar[tuple[str, ...]] = ("ResBlock", "AttentionBlock")  # FSDP units
+    EXAMPLE_INPUT_SHAPE: ClassVar[tuple[int, ...]] = (1, 16, 16)
     PRESETS: ClassVar[dict[str, ImageUNetConfig]] = {
         "tiny": ImageUNetConfig(
             base_channels=24, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),

@@ -1,5 +1,5 @@
-"""Small rank-generic denoisers for tests of the objectives (any of 1-D, 2-D, 3-D data), a way to
-give zero-initialised layers signal, and a launcher for tests that run 2 processes through
+"""Small rank-generic denoisers for tests of the objectives (any of 1-D, 2-D, 3-D data), the kit's
+way to give zero-initialised layers signal, and a launcher for tests that run 2 processes through
 `accelerate launch`."""
 
 from __future__ import annotations
@@ -13,19 +13,9 @@ import torch
 from torch import nn
 
 from perceptual_diffusion.denoiser import TappedDenoiser
+from perceptual_diffusion.testing import randomise_zero_init  # noqa: F401  (the tests' and benchmarks' import)
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-
-def randomise_zero_init(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Replace zero-initialised output layers (adaLN-Zero, zero-init projections) with noise, so
-    every path of the net carries signal and a skipped module would show up in the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return net
 
 
 class TinyConvDenoiser(TappedDenoiser):
