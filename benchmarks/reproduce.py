@@ -1,68 +1,96 @@
-"""Small-scale reproduction of the paper's Tables 1-8 and Figures 3-5 on data that ships.
+"""Small-scale reproduction of the paper's Tables 1-8 and Figures 3-5 on data that ships, with
+the matched MSE control of every SP model.
 
-    python benchmarks/reproduce.py                 # full scale (the committed tables): ~1.7 h on 2 CPU cores
-    python benchmarks/reproduce.py --quick         # pipeline check: all tables, tiny, ~5 min
+    python benchmarks/reproduce.py --jobs 2        # full scale on 2 cores: ~1.4-2 h (estimate below), resumable
+    python benchmarks/reproduce.py --quick         # pipeline check: all tables, tiny, ~15 min
     python benchmarks/reproduce.py --seeds 5 --samples 1000 --scale-steps 2 --tasks digits
+    python benchmarks/reproduce.py --tasks circles,digits,digits_uncond,photo_patches,moving_shapes,tones
 
-Tasks: "circles" (unconditional one-disk images), "digits" (class-conditional) and
-"digits_uncond" (section 5.7), each from its recipe in recipes/image/. For every task and seed
-stage mse is trained once; every SP variant is then an SP-only run initialised from that run's
-final checkpoint (``train.stages=['sp']``, ``sp.init=<mse final>``), so all variants share the
-stage-1 model as the paper's ablations do. Table 6's "SP model as perceptual network" is a
-second SP round from the default SP run's final checkpoint (its EMA is the frozen network).
-The ablations (Tables 2-6) run on the conditional digits task (``--ablation-tasks``).
+Tasks: "circles" (unconditional one-disk images), "digits" (class-conditional), "digits_uncond"
+(section 5.7) and "photo_patches" (natural-image patches of scikit-learn's two photos, measured
+against held-out patches that share no pixel with the training ones), each from its recipe in
+recipes/image/; "moving_shapes" (video) and "tones" (audio) on request. For every task and seed:
+  - the MSE base: stage mse from scratch;
+  - SP: an SP-only run from the base's final checkpoint (``train.stages=['sp']``, ``sp.init=<base>``),
+    the frozen network and the start both the base's EMA (Algorithm 1);
+  - the control: stage mse continued from the same checkpoint (``mse.init=<base>``), from the same
+    weights SP starts from (``mse.init_weights``), with every optimisation setting of the recipe's
+    [sp] section copied to [mse] (steps, batch, accumulation, lr, weight decay, betas, warm-up,
+    grad clip, EMA decay and warm-up, cond dropout: `control_overrides`) and the same seed, so the
+    trainer feeds it the same batches: what SP gains over simply training on.
+Every SP variant (Tables 2-6, on the conditional digits: ``--ablation-tasks``) is an SP-only run
+from the same base and is compared with the same control. Table 6's "SP model as perceptual
+network" is a second SP round from the default SP run's final checkpoint (its EMA is frozen).
 
 Every row is evaluated on the same number of samples from the same initial noise (sampling
-seed 0 for every row and training seed), with EMA weights, DDIM trailing, eta 0. Rows:
-Table 1 MSE / SP at 25 and 50 steps, MSE + CFG 7.5 with and without rescale 0.7 (conditional
-only); Tables 2-6 SP variants at 25 steps; Table 7 SP + CFG 2/3/4/7.5 with rescale 0.7; Table 8
-unconditional MSE vs SP. Cells are mean +- sample std over the training seeds.
+seed 0 for every row and training seed), with EMA weights, DDIM trailing, eta 0. Tables, first
+per task "SP vs its matched control": per metric the real-versus-real floor, the MSE base, SP
+and the control (mean +- sample std over seeds) and SP - control paired by seed, with the 95%
+percentile-bootstrap interval of its mean (`bootstrap_ci`: 10,000 resamples of the seeds, RNG
+seed 0) and the number of seeds in which SP is better. Then Table 1 (MSE / SP / control at 25
+and 50 steps, MSE + CFG 7.5 with and without rescale 0.7 when conditional), Tables 2-6 (SP
+variants and the control at 25 steps), Table 7 (MSE and the control with CFG 7.5 rescale 0.7, SP
+with CFG 2/3/4/7.5 rescale 0.7), Table 8 (unconditional MSE / SP / control); each has a column
+of every row's paired difference from the control (same sampling steps and guidance) on the
+task's headline metric (the first column) and ends with the floor rows. The floor of a metric
+(`compute_floors`, via metrics.real_vs_real_floor) is its value between two disjoint sets of
+real data of the rows' sample count, mean +- std over 10 splits, cached in floors.json;
+photo_patches also gets n training patches measured as a model row is. Columns: circles'
+validity, parameter FD and coverage; the digits' FID, KID (with its SE), IS and label accuracy;
+photo_patches' KID (with its SE), FD and grain ratio (metrics/patches.py); and for every image
+task the spectrum metric's high-frequency energy ratio (1 = like the data).
 
 Outputs (``--results-dir``, default benchmarks/results; runs/reproduce/quick/results for
 --quick): tables.md, rows.jsonl (one JSON object per (row, seed): the evaluate() dict plus
 task, variant, seed, steps, guidance, rescale, training steps and training wall seconds),
-figures/<task>_samples.png (rows MSE / SP / MSE+CFG 7.5 rescale 0.7 from the same noise;
-Figure 3/4) and figures/<task>_trajectory.png (x0 prediction over the sampling steps; per
-sample a MSE row then a SP row, columns are steps; Figure 5).
+floors.json, figures/<task>_samples.png (rows MSE / control / SP / MSE+CFG 7.5 rescale 0.7 from
+the same noise; Figure 3/4) and figures/<task>_trajectory.png (x0 prediction over the sampling
+steps; per sample a MSE row then a SP row, columns are steps; Figure 5).
 
 Resumable: runs live under ``--work-dir`` (default runs/reproduce/<scale>); a run with a final
 checkpoint is not retrained, an interrupted one resumes from its latest checkpoint, and a row
-already in rows.jsonl (same key, same checkpoint) is not re-evaluated.
+already in rows.jsonl (same key, same checkpoint, every column present) is not re-evaluated.
+``--jobs N`` deals the seeds round-robin to N worker processes (one torch thread each; each is
+the plain command with ``--seed-list``, so resumable alike), then draws the figures and tables.
 
-Tasks "moving_shapes" (video, unconditional, VideoUNet) and "tones" (audio, unconditional,
-AudioDiT) get one table each: MSE vs SP at 25 steps (the modality rows of the issue).
-
-Budget of the full scale (per run: images 1000 MSE + 200 SP steps at batch 16 and 16x16, 300
-samples per row; video 500 + 150 steps, 100 clips per row; audio 1000 + 250 steps, 200 clips per
-row; 3 seeds), measured on 2 CPU cores (AMD EPYC, torch 2.13 CPU, tiny presets, one torch thread
-per process, two to three processes sharing the cores):
-  image step at 16x16: MSE 0.2 s, SP 0.3 s; a row of 300 samples: 25 steps 30-40 s, 50 steps or
-  CFG 55-75 s
-  video step (8 frames of 16x16, batch 8): MSE ~0.55 s, SP ~0.8 s; a row of 100 clips ~80 s
-  audio step (2048 samples, batch 16): MSE ~0.38 s, SP ~0.5 s; a row of 200 clips ~20 s
-  per seed: digits ~1600 s (1000 MSE steps, 9 SP runs, 18 rows), circles and digits_uncond
-  ~450 s each, video ~700 s, audio ~550 s
-This is what benchmarks/results/ holds: the image tasks in two processes (`--seed-list 0,1`
-and `--seed-list 2`) and the video and audio tasks in a third, about 1.7 h of wall time, then
-the plain command to render the tables and figures. `--scale-steps 2` doubles every run
-(2000 + 400 image steps). The digits are 8x8 images upsampled, so 16x16 loses nothing. Circles
-at 16x16: the disk detector passes 99% of real disks there (all at 32x32), so the circles rows
-compare models with each other.
+Budget of the full scale (per run: images 1000 MSE + 200 SP or control steps at batch 16 and
+16x16, 300 samples per row, 4 seeds; video 500 + 150 steps, 100 clips per row; audio 1000 + 250
+steps, 200 clips per row). Measured on 2 CPU cores (AMD EPYC, torch 2.9 CPU, tiny presets, one
+torch thread per process) with the cores shared by three processes, i.e. about 2/3 of a core each:
+  image step at 16x16: MSE 0.20-0.24 s, the control 0.22 s, SP 0.30 s (photo_patches, 50-step
+  timings); a row of 300 samples: 25 steps 25-45 s (photo_patches 44 s, with its metrics), 50
+  steps or CFG 45-80 s (the rows of the last full run and a photo_patches row)
+  per seed: circles ~650 s (350 s training, 6 rows), digits_uncond ~550 s, photo_patches ~720 s,
+  digits ~1700 s (900 s for 11 runs, 21 rows): ~3600 s of process time, 4 seeds ~14,500 s
+  video ~750 s and audio ~520 s per seed with their controls (~5,100 s for 4 seeds)
+Estimated wall time of the default full run (4 image tasks, 4 seeds, every ablation on all 4
+seeds): with --jobs 2 on an otherwise idle 2-core machine each worker has a core (~1.5x the
+speeds above): 14,500 / 1.5 / 2 ~ 4,800 s, about 1.4 h, plus a few minutes of floors, figures and
+tables; on cores as busy as during the measurement ~2.0 h; in one process ~2.7 h. The video and
+audio tasks add ~0.6 h with --jobs 2. Nothing is cut at this scale: 4 seeds for every table, 300
+samples per row (the digits' floor needs 2 x n <= 1,797 real digits; photo_patches' 2 x n <= 4,096
+held-out patches). `--scale-steps 2` doubles every run (2000 + 400 image steps). The digits are
+8x8 images upsampled, so 16x16 loses nothing. Circles at 16x16: the disk detector passes 99% of
+real disks there (all at 32x32), so the circles rows compare models with each other (the floor
+row shows the real disks' scores).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +100,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from sp_step import cpu_name  # noqa: E402  (one CPU naming for both benchmark scripts)
 
 from perceptual_diffusion.checkpoint import list_checkpoints
-from perceptual_diffusion.config import load_recipe
+from perceptual_diffusion.config import Recipe, StageConfig, load_recipe
+from perceptual_diffusion.datasets import build_dataset, build_reference_dataset
 from perceptual_diffusion.evaluation import evaluate, generate, load_model
+from perceptual_diffusion.metrics import real_vs_real_floor
 from perceptual_diffusion.images import save_grid
 from perceptual_diffusion.media import save_samples
 from perceptual_diffusion.sampling import ddim_sample
@@ -89,12 +119,22 @@ RESCALE = 0.7
 
 # ------------------------------------------------------------------------------ what is run
 @dataclass(frozen=True)
+class Column:
+    """A metric column: the evaluate() key, its header, and which way is better: "higher", "lower",
+    "one" (1 means like the data) or "se" (a standard error: shown, never compared)."""
+
+    key: str
+    header: str
+    better: str = "lower"
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     recipe: str
     conditional: bool
     metrics: tuple[str, ...]                    # evaluate() metric names
-    columns: tuple[tuple[str, str], ...]        # (row key, table header)
+    columns: tuple[Column, ...]                 # the first is the task's headline (the Δ column of the tables)
     modality: str = "image"                     # video and audio tasks get one MSE-vs-SP table
 
     def shape_text(self, size: int) -> str:
@@ -107,35 +147,51 @@ class Task:
         return f"{size}x{size}"
 
 
-_CIRCLES_COLS = (("valid_fraction", "valid ↑"), ("param_fd", "param FD ↓"), ("coverage", "coverage ↑"))
-_DIGITS_COLS = (("digits_fid", "digits-FID ↓"), ("digits_is", "digits-IS ↑"))
+_HF = Column("spectrum_hf_ratio", "HF energy ratio (1 = data)", "one")
+_CIRCLES_COLS = (Column("valid_fraction", "valid ↑", "higher"), Column("param_fd", "param FD ↓"),
+                 Column("coverage", "coverage ↑", "higher"), _HF)
+_DIGITS_COLS = (Column("digits_fid", "digits-FID ↓"), Column("digits_kid", "digits-KID ↓"),
+                Column("digits_kid_se", "KID SE", "se"), Column("digits_is", "digits-IS ↑", "higher"))
+_PATCHES_COLS = (Column("patches_kid", "patches-KID ↓"), Column("patches_kid_se", "KID SE", "se"),
+                 Column("patches_fd", "patches-FD ↓"),
+                 Column("patches_laplacian_ratio", "grain ratio (1 = data)", "one"), _HF)
 TASKS = {
-    "circles": Task("circles", "recipes/image/circles.toml", False, ("circles",), _CIRCLES_COLS),
-    "digits": Task("digits", "recipes/image/digits.toml", True, ("digits",),
-                   _DIGITS_COLS + (("label_accuracy", "label acc ↑"),)),
-    "digits_uncond": Task("digits_uncond", "recipes/image/digits_uncond.toml", False, ("digits",), _DIGITS_COLS),
+    "circles": Task("circles", "recipes/image/circles.toml", False, ("circles", "spectrum"), _CIRCLES_COLS),
+    "digits": Task("digits", "recipes/image/digits.toml", True, ("digits", "spectrum"),
+                   _DIGITS_COLS + (Column("label_accuracy", "label acc ↑", "higher"), _HF)),
+    "digits_uncond": Task("digits_uncond", "recipes/image/digits_uncond.toml", False, ("digits", "spectrum"),
+                          _DIGITS_COLS + (_HF,)),
+    "photo_patches": Task("photo_patches", "recipes/image/photo_patches.toml", False, ("patches", "spectrum"),
+                          _PATCHES_COLS),
     "moving_shapes": Task("moving_shapes", "recipes/video/moving_shapes_uncond.toml", False, ("moving_shapes",),
-                          (("valid_fraction", "valid clips ↑"), ("disk_clip_fraction", "clips of disks ↑"),
-                           ("frame_disk_fraction", "frames with one disk ↑"), ("param_fd", "param FD ↓")),
-                          "video"),
+                          (Column("valid_fraction", "valid clips ↑", "higher"),
+                           Column("disk_clip_fraction", "clips of disks ↑", "higher"),
+                           Column("frame_disk_fraction", "frames with one disk ↑", "higher"),
+                           Column("param_fd", "param FD ↓")), "video"),
     "tones": Task("tones", "recipes/audio/tones_uncond.toml", False, ("tones",),
-                  (("valid_fraction", "valid ↑"), ("peak_concentration", "peak energy fraction ↑"),
-                   ("pitch_error_cents", "pitch error (cents) ↓"), ("pitch_tv", "pitch TV ↓")), "audio"),
+                  (Column("valid_fraction", "valid ↑", "higher"),
+                   Column("peak_concentration", "peak energy fraction ↑", "higher"),
+                   Column("pitch_error_cents", "pitch error (cents) ↓"), Column("pitch_tv", "pitch TV ↓")),
+                  "audio"),
 }
 IMAGE_TASKS = [t for t in TASKS if TASKS[t].modality == "image"]
+DEFAULT_TASKS = ["circles", "digits", "digits_uncond", "photo_patches"]  # the full run; video and audio on request
 
 
 @dataclass(frozen=True)
 class Variant:
-    """An SP-only run: `overrides` on the recipe, initialised from `parent`'s final checkpoint."""
+    """A run started from `parent`'s final checkpoint with `overrides` on the recipe: stage sp (an SP
+    run), or stage mse continued (the matched control, its settings from `control_overrides`)."""
 
     name: str
     overrides: tuple[str, ...] = ()
     parent: str = "mse"
+    stage: str = "sp"
 
 
 VARIANTS = {v.name: v for v in (
     Variant("sp"),  # mid, uniform t', mse distance, sp formulation, EMA of stage mse frozen
+    Variant("control", stage="mse"),  # MSE continued as SP is trained: the same start, settings and batches
     Variant("layers_encoder", ("sp.layers=encoder",)),
     Variant("layers_decoder", ("sp.layers=decoder",)),
     Variant("layers_encoder+mid", ("sp.layers=encoder+mid",)),
@@ -145,13 +201,30 @@ VARIANTS = {v.name: v for v in (
     Variant("formulation_sp2", ("sp.formulation=sp2",)),
     Variant("sp_repeat", ("sp.perceptual_weights=ema",), parent="sp"),  # Table 6: SP model as f_*
 )}
-ABLATIONS = [v for v in VARIANTS if v != "sp"]
+ABLATIONS = [v for v in VARIANTS if v not in ("sp", "control")]
+
+
+def stage_of(model: str) -> str:
+    return "mse" if model == "mse" else VARIANTS[model].stage
+
+
+def control_overrides(recipe: Recipe) -> list[str]:
+    """--set overrides that make stage mse the matched control of `recipe`'s SP stage: every
+    optimisation field of [sp] (steps, batch, accumulation, lr, weight decay, betas, warm-up, grad
+    clip, EMA decay and warm-up, cond dropout: all of StageConfig but where it starts) copied to
+    [mse], and mse.init_weights = the weights SP starts from (the frozen ones by default). With
+    mse.init = SP's sp.init and the same seed, the trainer gives both the same data order."""
+    sp = recipe.sp
+    copied = [f"mse.{f.name}={json.dumps(getattr(sp, f.name))}" for f in dataclasses.fields(StageConfig)
+              if f.name not in ("init", "init_weights")]
+    start = sp.perceptual_weights if sp.init_weights == "frozen" else sp.init_weights
+    return copied + [f"mse.init_weights={start}"]
 
 
 @dataclass(frozen=True)
 class Scale:
     mse_steps: dict[str, int]    # per task
-    sp_steps: dict[str, int]     # per SP run of a task
+    sp_steps: dict[str, int]     # per SP run (and control) of a task
     samples: dict[str, int]      # per row of a task
     sizes: dict[str, int]        # images are size x size
     seeds: int
@@ -165,7 +238,7 @@ def _per_task(image: int, video: int, audio: int) -> dict[str, int]:
 
 SCALES = {
     "full": Scale(mse_steps=_per_task(1000, 500, 1000), sp_steps=_per_task(200, 150, 250),
-                  samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=3, checkpoint_every=250),
+                  samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=4, checkpoint_every=250),
     "quick": Scale(mse_steps=_per_task(30, 30, 30), sp_steps=_per_task(15, 15, 15),
                    samples=_per_task(40, 24, 24), sizes=_per_task(16, 16, 16), seeds=2, checkpoint_every=0),
 }
@@ -188,27 +261,39 @@ class Unit:
 
 @dataclass
 class Table:
+    """Model rows (labels, unit); kind "paired" is the per-metric SP-versus-control table of a task,
+    whose rows are the MSE base, SP and the control."""
+
     title: str
     task: str
     label_headers: list[str]
     rows: list[tuple[list[str], Unit]] = field(default_factory=list)
     note: str = ""
+    kind: str = "rows"
+
+
+CONTROL_LABEL = "MSE continued (control)"
 
 
 def plan_tables(tasks: list[str], ablation_tasks: list[str]) -> list[Table]:
-    """The analogues of the paper's Tables 1-8 for the chosen tasks."""
-    tables = []
+    """Per task the SP-versus-control comparison, then the analogues of the paper's Tables 1-8; every
+    table that holds SP rows holds the matched control too."""
+    tables = [Table(f"SP vs its matched control ({name})", name, ["Metric"],
+                    [(["MSE base"], Unit(name, "mse")), (["SP"], Unit(name, "sp")),
+                     (["Control"], Unit(name, "control"))], kind="paired") for name in tasks]
     for name in tasks:
         task = TASKS[name]
         if task.modality != "image":
             tables.append(Table(f"Modalities ({name}, {task.modality}): MSE vs SP", name, ["Loss"],
-                                [(["MSE"], Unit(name, "mse")), (["SP"], Unit(name, "sp"))]))
+                                [(["MSE"], Unit(name, "mse")), (["SP"], Unit(name, "sp")),
+                                 ([CONTROL_LABEL], Unit(name, "control"))]))
             continue
         t = Table(f"Table 1 ({name})", name, ["Loss", "CFG", "Rescale", "Steps", "NFE"])
         t.rows += [(["MSE", "", "", str(s)], Unit(name, "mse", s)) for s in (25, 50)]
         if task.conditional:
             t.rows += [(["MSE", "7.5", r, "25"], Unit(name, "mse", 25, 7.5, float(r or 0))) for r in ("", "0.7")]
         t.rows += [(["SP", "", "", str(s)], Unit(name, "sp", s)) for s in (25, 50)]
+        t.rows += [([CONTROL_LABEL, "", "", str(s)], Unit(name, "control", s)) for s in (25, 50)]
         for labels, u in t.rows:
             labels.append(str(u.nfe))
         tables.append(t)
@@ -226,23 +311,26 @@ def plan_tables(tasks: list[str], ablation_tasks: list[str]) -> list[Table]:
          [("MSE model ✓", "sp"), ("SP model (second SP round)", "sp_repeat")]),
     ]
     notes = {"Table 6": "The second round (sp_repeat) trains as long again from the SP run's final checkpoint, "
-                        "with that run's EMA as the frozen network."}
+                        "with that run's EMA as the frozen network (twice the control's steps)."}
     for name in ablation_tasks:
         for title, header, rows in ablations:
             tables.append(Table(title.format(name), name, [header],
-                                [([label], Unit(name, model)) for label, model in rows],
+                                [([label], Unit(name, model)) for label, model in rows]
+                                + [([CONTROL_LABEL], Unit(name, "control"))],
                                 note=notes.get(title.split(" (")[0], "")))
     for name in tasks:
         if TASKS[name].conditional:
             t = Table(f"Table 7 ({name}): SP with classifier-free guidance", name, ["Loss", "CFG", "Rescale"])
             t.rows.append((["MSE", "7.5", "0.7"], Unit(name, "mse", 25, *CFG_MSE)))
+            t.rows.append(([CONTROL_LABEL, "7.5", "0.7"], Unit(name, "control", 25, *CFG_MSE)))
             t.rows.append((["SP", "", ""], Unit(name, "sp")))
             t.rows += [(["SP", f"{w:g}", "0.7"], Unit(name, "sp", 25, w, RESCALE)) for w in CFG_SP]
             tables.append(t)
     for name in tasks:
         if not TASKS[name].conditional and TASKS[name].modality == "image":
             tables.append(Table(f"Table 8 ({name}): unconditional generation", name, ["Loss"],
-                                [(["MSE"], Unit(name, "mse")), (["SP"], Unit(name, "sp"))]))
+                                [(["MSE"], Unit(name, "mse")), (["SP"], Unit(name, "sp")),
+                                 ([CONTROL_LABEL], Unit(name, "control"))]))
     return tables
 
 
@@ -285,8 +373,8 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
     """Train (or resume, or skip) one run; returns its final checkpoint. The run's accumulated
     training wall seconds go to <run>/reproduce.json."""
     run_dir = run_dir_of(cfg, task, seed, model)
-    stage = "mse" if model == "mse" else "sp"
-    steps = cfg.mse_steps[task] if stage == "mse" else cfg.sp_steps[task]
+    stage = stage_of(model)
+    steps = cfg.mse_steps[task] if model == "mse" else cfg.sp_steps[task]
     sidecar = run_dir / "reproduce.json"
     info = json.loads(sidecar.read_text()) if sidecar.exists() else {"wall_s": 0.0}
     final = final_checkpoint(run_dir, stage)
@@ -297,18 +385,22 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
                              f"{steps} steps; use another --work-dir")
         log.info("%s %s seed %d %s: trained already (%d steps)", phase, task, seed, model, steps)
         return final
+    recipe_path = ROOT / TASKS[task].recipe
     overrides = [f"seed={seed}", f"name={task}-seed{seed}-{model}", f"data.size={cfg.sizes[task]}",
                  f"mse.steps={cfg.mse_steps[task]}", f"sp.steps={cfg.sp_steps[task]}",
                  f"train.checkpoint_every={cfg.checkpoint_every}", "train.sample_every=0", "train.keep_last=1",
                  f"train.stages=['{stage}']"]
-    if stage == "sp":
+    if model != "mse":
         variant = VARIANTS[model]
-        parent_stage = "mse" if variant.parent == "mse" else "sp"
-        parent = final_checkpoint(run_dir_of(cfg, task, seed, variant.parent), parent_stage)
+        parent = final_checkpoint(run_dir_of(cfg, task, seed, variant.parent), stage_of(variant.parent))
         if parent is None:  # models_of() orders parents first
             raise RuntimeError(f"{variant.parent} of {task} seed {seed} has no final checkpoint")
-        overrides += [f"sp.init={json.dumps(str(parent.resolve()))}", *variant.overrides]
-    recipe = load_recipe(ROOT / TASKS[task].recipe, overrides)
+        start = json.dumps(str(parent.resolve()))
+        if stage == "sp":
+            overrides += [f"sp.init={start}", *variant.overrides]
+        else:  # the control: stage mse with the SP stage's settings, from the checkpoint SP starts from
+            overrides += [*control_overrides(load_recipe(recipe_path, overrides)), f"mse.init={start}"]
+    recipe = load_recipe(recipe_path, overrides)
     resume = "latest" if list_checkpoints(run_dir) else None
     log.info("%s %s seed %d %s: %s %d steps at %dx%d%s", phase, task, seed, model, stage.upper(), steps,
              cfg.sizes[task], cfg.sizes[task], " (resuming)" if resume else "")
@@ -361,7 +453,8 @@ def _checkpoint_time(path: Path) -> str:
 def evaluate_row(cfg: Config, u: Unit, seed: int, checkpoint: Path, rows: dict[str, dict], phase: str) -> dict:
     key = row_key(cfg, u, seed)
     old = rows.get(key)
-    if old is not None and old.get("checkpoint_time") == _checkpoint_time(checkpoint):
+    if (old is not None and old.get("checkpoint_time") == _checkpoint_time(checkpoint)
+            and all(c.key in old["eval"] for c in TASKS[u.task].columns)):  # a row from before a new column: again
         return old
     size, n = cfg.sizes[u.task], cfg.samples[u.task]
     t0 = time.time()
@@ -376,10 +469,130 @@ def evaluate_row(cfg: Config, u: Unit, seed: int, checkpoint: Path, rows: dict[s
     with open(cfg.results_dir / "rows.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     rows[key] = row
-    cols = ", ".join(f"{k}={ev[k]:.4g}" for k, _ in TASKS[u.task].columns)
+    cols = ", ".join(f"{c.key}={ev[c.key]:.4g}" for c in TASKS[u.task].columns)
     log.info("%s %s seed %d %s steps %d cfg %g rescale %g: %s (%.0f s)", phase, u.task, seed, u.model, u.steps,
              u.guidance, u.rescale, cols, row["eval_wall_s"])
     return row
+
+
+# ------------------------------------------------------------------------------ paired statistics
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_ci(diffs: list[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired differences (one per training seed):
+    `resamples` resamples of the seeds with replacement, the (1 - level) / 2 and (1 + level) / 2
+    quantiles of their means; deterministic given `seed`. It cannot be wider than the range of the
+    differences, so with a handful of seeds it undercovers: read it with the real-vs-real floor."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or len(d) < 1 or not np.isfinite(d).all():
+        raise ValueError(f"need one or more finite differences, got {diffs!r}")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"need 0 < level < 1 and resamples >= 1, got {level}, {resamples}")
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _better(column: Column, row: float, control: float) -> bool:
+    if column.better == "higher":
+        return row > control
+    if column.better == "lower":
+        return row < control
+    return abs(row - 1) < abs(control - 1)
+
+
+def _digits(*values: float) -> int:
+    """Decimals that give three significant digits to the largest of `values` (as `cell`)."""
+    top = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
+    return min(6, max(1, 2 - math.floor(math.log10(top)))) if top else 3
+
+
+def paired_cell(column: Column, rows: list[float], controls: list[float]) -> str:
+    """Row − control over the seeds that have both (finite): "mean [lo, hi], k/m better" with the
+    bootstrap 95% interval of the mean."""
+    pairs = [(r, c) for r, c in zip(rows, controls) if math.isfinite(r) and math.isfinite(c)]
+    if not pairs or column.better == "se":
+        return "–"
+    diffs = [r - c for r, c in pairs]
+    mean = statistics.fmean(diffs)
+    wins = f"{sum(_better(column, r, c) for r, c in pairs)}/{len(pairs)} better"
+    if len(pairs) == 1:
+        return f"{mean:+.{_digits(mean)}f} (1 seed)"
+    lo, hi = bootstrap_ci(diffs)
+    k = _digits(mean, lo, hi)
+    return f"{mean:+.{k}f} [{lo:+.{k}f}, {hi:+.{k}f}], {wins}"
+
+
+# ------------------------------------------------------------------------------ real-vs-real floors
+FLOOR_SPLITS = 10  # a std over k splits is good to about 1 / sqrt(2 (k - 1)): 35% at 5, 24% at 10
+
+
+def _floor_metric(task: Task, recipe: Recipe, pool: torch.Tensor):
+    """metric(a, b): what evaluate() reports for samples `a`, measured against real items `b`."""
+    from perceptual_diffusion.metrics.circles import circles_metrics
+    from perceptual_diffusion.metrics.digits import digits_metrics
+    from perceptual_diffusion.metrics.moving_shapes import moving_shapes_metrics
+    from perceptual_diffusion.metrics.patches import patches_metrics
+    from perceptual_diffusion.metrics.spectrum import spectrum_metrics
+    from perceptual_diffusion.metrics.tones import tones_metrics
+
+    by_name = {"circles": lambda a, b: circles_metrics(a, reference=b),
+               "digits": lambda a, b: digits_metrics(a, reference=b),
+               "spectrum": spectrum_metrics,
+               "patches": lambda a, b: patches_metrics(a, b, scale_from=pool),  # scaled as the model rows are
+               "moving_shapes": lambda a, b: moving_shapes_metrics(a, reference=b),
+               "tones": lambda a, b: tones_metrics(a, sample_rate=recipe.data.sample_rate, reference=b)}
+    return lambda a, b: {k: v for m in task.metrics for k, v in by_name[m](a, b).items()}
+
+
+def _stack(dataset) -> torch.Tensor:
+    return torch.stack([dataset[i]["x"] for i in range(len(dataset))])
+
+
+def compute_floors(task: str, size: int, n: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """{"real": the task's metrics between two disjoint sets of n real items (the data metrics compare
+    with: held-out patches, the digits, generated disks), mean and std over FLOOR_SPLITS splits
+    (`real_vs_real_floor`)}; tasks with a held-out split also get "train": n training items against
+    the whole held-out reference, as a model row is measured (what reproducing the training data
+    exactly would score). Empty where the pool holds fewer than 2 n items."""
+    t = TASKS[task]
+    recipe = load_recipe(ROOT / t.recipe, [f"data.size={size}"])
+    reference = build_reference_dataset(recipe.data)
+    pool = _stack(reference)
+    if len(pool) < 2 * n:
+        log.warning("%s: no real-vs-real floor at n = %d (the data holds %d items)", task, n, len(pool))
+        return {"real": {}}
+    metric = _floor_metric(t, recipe, pool)
+    out = {"real": real_vs_real_floor(metric, pool, n, splits=FLOOR_SPLITS)}
+    train = build_dataset(recipe.data)
+    if getattr(reference, "split", "train") != "train":
+        images = _stack(train)
+        g = torch.Generator().manual_seed(0)
+        runs = [metric(images[torch.randperm(len(images), generator=g)[:n]], pool) for _ in range(FLOOR_SPLITS)]
+        out["train"] = {k: (statistics.fmean(r[k] for r in runs), statistics.stdev(r[k] for r in runs))
+                        for k in runs[0]}
+    return out
+
+
+def floors(cfg: Config, tasks: list[str]) -> dict[str, dict]:
+    """`compute_floors` of each task at its sample count, cached in <results>/floors.json."""
+    path = cfg.results_dir / "floors.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    out = {}
+    for task in tasks:
+        key = f"{task}|size{cfg.sizes[task]}|n{cfg.samples[task]}|splits{FLOOR_SPLITS}"
+        if key not in cache:
+            t0 = time.time()
+            cache[key] = compute_floors(task, cfg.sizes[task], cfg.samples[task])
+            log.info("[floor] %s at n = %d: %.0f s", task, cfg.samples[task], time.time() - t0)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(cache, indent=1) + "\n")
+            tmp.replace(path)
+        out[task] = cache[key]
+    return out
 
 
 # ------------------------------------------------------------------------------ tables
@@ -401,17 +614,92 @@ def cell(values: list[float]) -> str:
     return text
 
 
+def floor_cell(floor: dict[str, tuple[float, float]], key: str) -> str:
+    if key not in floor or not math.isfinite(floor[key][0]):
+        return "–"
+    mean, std = floor[key]
+    k = _digits(mean)
+    return f"{mean:.{k}f} ± {std:.{k}f}"
+
+
 def _mean_wall(rows: list[dict], model: str) -> float | None:
     walls = [r["train_wall_s"].get(model) for r in rows if r["train_wall_s"].get(model) is not None]
     return statistics.fmean(walls) if walls else None
 
 
-def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total_s: float) -> str:
+FLOOR_LABELS = {"real": "Real vs real (floor)", "train": "Training data vs held-out"}
+
+
+def _values(rows: list[dict | None], key: str) -> list[float]:
+    return [float(r["eval"][key]) if r is not None else math.nan for r in rows]
+
+
+def render_paired(cfg: Config, t: Table, found: list[list[dict | None]], floor: dict) -> list[str]:
+    """One line per metric: the floors, MSE base, SP, control (mean ± std over seeds) and SP − control
+    paired over seeds with its bootstrap interval."""
+    task = TASKS[t.task]
+    kinds = [k for k in FLOOR_LABELS if k in floor]
+    n = cfg.samples[t.task]
+    headers = (["Metric"] + [f"{FLOOR_LABELS[k]}, n = {n}" for k in kinds] + [labels[0] for labels, _ in t.rows]
+               + ["SP − control, paired [95% CI]"])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    base, sp, control = found
+    for c in task.columns:
+        got = [[float(r["eval"][c.key]) for r in rs if r is not None] for rs in found]
+        lines.append("| " + " | ".join([c.header] + [floor_cell(floor[k], c.key) for k in kinds]
+                                       + [cell(v) for v in got]
+                                       + [paired_cell(c, _values(sp, c.key), _values(control, c.key))]) + " |")
+    return lines
+
+
+def render_rows(cfg: Config, t: Table, found: list[list[dict | None]], floor: dict) -> list[str]:
+    """The model rows with the task's columns; where the table holds the control, a column of each
+    row's paired difference from the control (same steps and guidance) on the task's headline
+    metric; then the floors."""
+    task = TASKS[t.task]
+    head = task.columns[0]
+    controls = {(u.steps, u.guidance, u.rescale): rs for (_, u), rs in zip(t.rows, found) if u.model == "control"}
+    headers = t.label_headers + [c.header for c in task.columns]
+    if controls:
+        headers.append(f"{head.header.split(' ')[0]} − control [95% CI]")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for (labels, u), rs in zip(t.rows, found):
+        got = [r for r in rs if r is not None]
+        cells = [cell([float(r["eval"][c.key]) for r in got]) for c in task.columns]
+        if controls:
+            ref = controls.get((u.steps, u.guidance, u.rescale))
+            cells.append("–" if ref is None or u.model == "control"
+                         else paired_cell(head, _values(rs, head.key), _values(ref, head.key)))
+        lines.append("| " + " | ".join(labels + cells) + " |")
+    for kind in (k for k in FLOOR_LABELS if k in floor):
+        labels = [f"{FLOOR_LABELS[kind]}, n = {cfg.samples[t.task]}"] + [""] * (len(t.label_headers) - 1)
+        cells = [floor_cell(floor[kind], c.key) for c in task.columns] + (["–"] if controls else [])
+        lines.append("| " + " | ".join(labels + cells) + " |")
+    return lines
+
+
+def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total_s: float,
+                  task_floors: dict[str, dict]) -> str:
     intro = (f"Scale `{cfg.label}`: seeds {', '.join(map(str, cfg.seeds))}; cells are mean ± sample std "
              "over training seeds. Every row: EMA weights, DDIM (trailing, eta 0), the same initial noise "
              f"(sampling seed {SAMPLE_SEED}); conditional rows cycle the 10 labels. Wall time of the work "
              f"these tables hold (training + evaluation): {total_s / 60:.1f} min.")
-    lines = ["# Small-scale reproduction of the paper's tables", "", f"Machine: {machine()}.", "", intro, ""]
+    control = ("The control (\"MSE continued\") is stage mse continued from the same MSE checkpoint SP starts "
+               "from, from the same (EMA) weights, with the SP stage's steps, batch, lr, warm-up, grad clip, EMA "
+               "and cond dropout and the same seed, so it sees the same batches: what SP gains over training on. "
+               "\"X − control\" columns pair each seed's row with that seed's control (same sampling steps and "
+               "guidance) and give the mean difference, the 95% percentile-bootstrap interval of that mean over "
+               f"seeds ({BOOTSTRAP_RESAMPLES:,} resamples, RNG seed {BOOTSTRAP_SEED}; with few seeds it is "
+               "narrower than it should be) and in how many seeds the row is better. The floor rows are the "
+               "metric between two disjoint sets of real data of the rows' sample count, mean ± std over "
+               f"{FLOOR_SPLITS} splits: model differences smaller than the floor's std are noise. KID is "
+               "unbiased, so its floor is about 0 at any n; Frechet distances (FID, param FD, patches-FD) are "
+               "biased upward at small n and the floor (n against n) overstates what a row (n against the "
+               "whole reference) would score with real data. photo_patches rows are measured against held-out "
+               "patches that share no pixel with the training patches; its \"Training data\" row is n training "
+               "patches measured as a model row is.")
+    lines = ["# Small-scale reproduction of the paper's tables", "", f"Machine: {machine()}.", "", intro, "",
+             control, ""]
     for t in tables:
         task = TASKS[t.task]
         found = [[rows.get(row_key(cfg, u, s)) for s in cfg.seeds] for _, u in t.rows]
@@ -423,24 +711,20 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
                   f"{t.task} {task.shape_text(cfg.sizes[t.task])}, {cfg.samples[t.task]} samples per row. "
                   f"Training: MSE {cfg.mse_steps[t.task]} steps"
                   + (f" ({mse_wall:.0f} s per seed)" if mse_wall is not None else "")
-                  + f", then SP {cfg.sp_steps[t.task]} steps from the frozen MSE EMA"
+                  + f", then SP {cfg.sp_steps[t.task]} steps from the frozen MSE EMA and the control as long"
                   + (f" ({walls} per seed)" if walls else "") + ". 25 DDIM steps unless stated."
                   + (f" {t.note}" if t.note else ""), ""]
-        headers = t.label_headers + [h for _, h in task.columns]
-        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        for (labels, _), rs in zip(t.rows, found):
-            got = [r for r in rs if r is not None]
-            cells = [cell([float(r["eval"][k]) for r in got]) for k, _ in task.columns]
-            lines.append("| " + " | ".join(labels + cells) + " |")
+        render = render_paired if t.kind == "paired" else render_rows
+        lines += render(cfg, t, found, task_floors.get(t.task, {}))
         lines.append("")
     lines += ["## Figures", "",
-              ("`figures/<task>_samples.png`: rows MSE, SP and (conditional tasks) MSE + CFG 7.5 rescale 0.7, "
-              "25 DDIM steps from the same initial noise, seed-0 models (Figures 3 and 4). "
-              "`figures/<task>_trajectory.png`: the x0 prediction at 10 of the 25 sampling steps (columns); "
-              "for each of 3 initial noises a MSE row then a SP row (Figure 5). Video tasks: "
-              "`figures/<task>_samples.png` has one clip per row (frames in columns), MSE clips then SP clips "
-              "from the same noise, and a `.gif` beside it; audio tasks: the spectrograms of MSE clips then SP "
-              "clips, and a `.wav` beside it."), ""]
+              ("`figures/<task>_samples.png`: rows MSE, the control (MSE continued), SP and (conditional tasks) "
+               "MSE + CFG 7.5 rescale 0.7, 25 DDIM steps from the same initial noise, seed-0 models (Figures 3 "
+               "and 4). `figures/<task>_trajectory.png`: the x0 prediction at 10 of the 25 sampling steps "
+               "(columns); for each of 3 initial noises a MSE row then a SP row (Figure 5). Video tasks: "
+               "`figures/<task>_samples.png` has one clip per row (frames in columns), MSE clips then SP clips "
+               "from the same noise, and a `.gif` beside it; audio tasks: the spectrograms of MSE clips then SP "
+               "clips, and a `.wav` beside it."), ""]
     return "\n".join(lines)
 
 
@@ -448,7 +732,7 @@ def write_tables(cfg: Config, tables: list[Table], rows: dict[str, dict]) -> str
     used = {row_key(cfg, u, s) for t in tables for _, u in t.rows for s in cfg.seeds}
     runs = {(r["task"], r["seed"], m): w for k, r in rows.items() if k in used for m, w in r["train_wall_s"].items()}
     total = sum(w for w in runs.values() if w) + sum(rows[k]["eval_wall_s"] for k in used if k in rows)
-    text = render_tables(cfg, tables, rows, total)
+    text = render_tables(cfg, tables, rows, total, floors(cfg, list(dict.fromkeys(t.task for t in tables))))
     path = cfg.results_dir / "tables.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text + "\n")
@@ -458,7 +742,8 @@ def write_tables(cfg: Config, tables: list[Table], rows: dict[str, dict]) -> str
 
 # ------------------------------------------------------------------------------ figures
 def figures(cfg: Config, task: str, seed: int, n: int = 10, n_traj: int = 3, columns: int = 10) -> list[Path]:
-    """Figure 3/4 (samples of each model from the same noise) and Figure 5 (x0 trajectories)."""
+    """Figure 3/4 (samples of each model, and of the control, from the same noise) and Figure 5
+    (x0 trajectories)."""
     out = cfg.results_dir / "figures"
     mse = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "mse"), "mse"))
     sp = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "sp"), "sp"))
@@ -468,7 +753,8 @@ def figures(cfg: Config, task: str, seed: int, n: int = 10, n_traj: int = 3, col
         both = torch.cat([generate(m, n, 25, seed=SAMPLE_SEED).samples for m in (mse, sp)])
         return save_samples(both, out / f"{task}_samples.png", kind, nrow=n, scale=3 if kind == "video" else 2,
                             sample_rate=mse.recipe.data.sample_rate)  # audio: a row of MSE, a row of SP
-    rows = [generate(mse, n, 25, seed=SAMPLE_SEED).samples, generate(sp, n, 25, seed=SAMPLE_SEED).samples]
+    control = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "control"), "mse"))
+    rows = [generate(m, n, 25, seed=SAMPLE_SEED).samples for m in (mse, control, sp)]
     if TASKS[task].conditional:
         rows.append(generate(mse, n, 25, *CFG_MSE, seed=SAMPLE_SEED).samples)
     scale = 3 if cfg.sizes[task] <= 16 else 2
@@ -508,19 +794,23 @@ def build_config(args: argparse.Namespace) -> Config:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny pipeline check (2 seeds, 30 + 15 steps, 40 samples)")
-    p.add_argument("--seeds", type=int, default=0, help="training seeds 0..N-1 (default: 3, quick 2)")
+    p.add_argument("--seeds", type=int, default=0, help="training seeds 0..N-1 (default: 4, quick 2)")
     p.add_argument("--seed-list", default="", help="comma-separated training seeds to run instead of 0..N-1 (e.g. "
                                                    "one process per seed on a machine with more cores); render the "
                                                    "tables afterwards with the plain command")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes, one torch thread each, the seeds dealt "
+                                                       "round-robin between them; then this process draws the "
+                                                       "figures and tables (use 2 on 2 cores)")
     p.add_argument("--samples", type=int, default=0, help="samples per row for every task")
     p.add_argument("--scale-steps", type=float, default=1.0, help="multiply every run's training steps")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS)
-                   + " (default: all)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated subset of " + ", ".join(TASKS)
+                   + " (default: " + ", ".join(DEFAULT_TASKS) + ")")
     p.add_argument("--ablation-tasks", default="digits", help="tasks of Tables 2-6 (comma-separated; '' for none)")
     p.add_argument("--work-dir", help="training runs (default runs/reproduce/<scale>)")
-    p.add_argument("--results-dir", help="tables.md, rows.jsonl, figures/ (default benchmarks/results; "
+    p.add_argument("--results-dir", help="tables.md, rows.jsonl, floors.json, figures/ (default benchmarks/results; "
                                          "quick: <work-dir>/results)")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--no-tables", action="store_true", help="train and evaluate only (what --jobs workers do)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
     args = p.parse_args(argv)
     for opt in ("tasks", "ablation_tasks"):
@@ -535,11 +825,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--seed-list must be comma-separated integers, got {args.seed_list!r}")
     if any(v < 0 for v in args.seed_list):
         p.error("--seed-list seeds must be >= 0")
-    if args.seeds < 0 or args.samples < 0 or args.scale_steps <= 0:
-        p.error("--seeds and --samples must be >= 1 and --scale-steps > 0")
+    if args.seeds < 0 or args.samples < 0 or args.scale_steps <= 0 or args.jobs < 1:
+        p.error("--seeds and --samples must be >= 1, --jobs >= 1 and --scale-steps > 0")
     if args.samples == 1:
         p.error("--samples must be >= 2 (the metrics need a spread)")
     return args
+
+
+def worker_argv(args: argparse.Namespace, cfg: Config, seeds: list[int]) -> list[str]:
+    """The command line of one --jobs worker: this run's settings for `seeds`, no figures, no tables."""
+    argv = ["--seed-list", ",".join(map(str, seeds)), "--tasks", ",".join(args.tasks),
+            "--ablation-tasks", ",".join(args.ablation_tasks), "--scale-steps", repr(args.scale_steps),
+            "--work-dir", str(cfg.work_dir), "--results-dir", str(cfg.results_dir), "--no-figures", "--no-tables"]
+    return argv + (["--quick"] if args.quick else []) + (["--samples", str(args.samples)] if args.samples else []) \
+        + (["--progress"] if args.progress else [])
+
+
+def run_workers(args: argparse.Namespace, cfg: Config) -> int:
+    """Run the seeds in `args.jobs` worker processes (one torch thread each); the first failing exit
+    status, else 0. Each worker is resumable like the plain command."""
+    groups = [cfg.seeds[k::args.jobs] for k in range(args.jobs) if cfg.seeds[k::args.jobs]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *worker_argv(args, cfg, seeds)], env=env)
+             for seeds in groups]
+    log.info("%d workers, seeds %s", len(procs), " | ".join(",".join(map(str, g)) for g in groups))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # the workers got the terminal's SIGINT too: let them save and stop
+        codes = [p.wait() for p in procs]
+    return next((c for c in codes if c != 0), 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,6 +864,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     ablation_tasks = [t for t in args.ablation_tasks if t in args.tasks]
     tables = plan_tables(args.tasks, ablation_tasks)
+    if args.jobs > 1:
+        code = run_workers(args, cfg)
+        if code != 0:
+            log.warning("a worker exited with status %d; rerun the same command to continue", code)
+            return code
     units = {task: list(dict.fromkeys(u for t in tables for _, u in t.rows if u.task == task)) for task in args.tasks}
     models = {task: models_of(task, tables) for task in args.tasks}
     n_train = len(cfg.seeds) * sum(map(len, models.values()))
@@ -569,7 +888,8 @@ def main(argv: list[str] | None = None) -> int:
                 for u in units[task]:
                     i_eval += 1
                     evaluate_row(cfg, u, seed, finals[u.model], rows, f"[eval {i_eval}/{n_eval}]")
-            write_tables(cfg, tables, rows)
+            if not args.no_tables:
+                write_tables(cfg, tables, rows)
     except Interrupted as e:
         log.warning("%s; rerun the same command to continue", e)
         return 128 + (e.signum or 2)
@@ -580,8 +900,8 @@ def main(argv: list[str] | None = None) -> int:
         for task in args.tasks:
             paths = figures(cfg, task, cfg.seeds[0])
             log.info("[figures] %s: %s", task, ", ".join(str(p) for p in paths))
-    text = write_tables(cfg, tables, rows)
-    print(text)
+    if not args.no_tables:
+        print(write_tables(cfg, tables, rows))
     return 0
 
 

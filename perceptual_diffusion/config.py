@@ -36,14 +36,14 @@ except ModuleNotFoundError:  # Python < 3.11
 
 @dataclass
 class DataConfig:
-    name: str = "circles"            # image: circles | digits | image_folder;
+    name: str = "circles"            # image: circles | digits | photo_patches | image_folder;
                                      # video: moving_shapes | video_folder; audio: tones | audio_folder
     size: int = 32                   # images and video frames are size x size
     channels: int = 1                # 1 (gray) or 3 (RGB); audio 1 (mono) or 2 (stereo)
     frames: int = 8                  # video: frames per clip
     length: int = 2048               # audio: samples per clip
     sample_rate: int = 8000          # audio: Hz (audio_folder resamples to it)
-    num_items: int = 4096            # circles, moving_shapes, tones: how many items to generate
+    num_items: int = 4096            # circles, photo_patches, moving_shapes, tones: how many items to generate
     path: str = ""                   # *_folder: the folder (image_folder: captions.jsonl optional);
                                      # shards: "/data/laion/{00000..00999}.tar", a glob or a folder
     conditional: bool = False        # digits (10 digits), moving_shapes (8 headings), tones (8 pitches)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Recipe, RecipeError, recipe_from_dict
-from .datasets import build_dataset, modality, num_classes
+from .datasets import build_reference_dataset, modality, num_classes
 from .sampling import ddim_sample
 from .trainer import (build_latent, build_model, build_schedule, check_device_support, model_input_shape,
                       run_info)
@@ -107,11 +107,13 @@ def generate(
 
 # Data images (a seeded random subset) that KID keeps features of and the spectrum is measured
 # on: more than the sample counts used, and 10,000 x 2048 float32 features are an 80 MB cache.
+# The held-out split where the dataset has one (photo_patches), so samples are compared with data
+# the model never saw.
 REFERENCE_SUBSET = 10_000
 
 
 def _reference_images(recipe: Recipe, limit: int) -> Tensor:
-    data = build_dataset(recipe.data)
+    data = build_reference_dataset(recipe.data)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
     return torch.stack([data[int(i)]["x"] for i in idx])
 
@@ -168,13 +170,21 @@ def _spectrum(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]
     return spectrum_metrics(gen.samples, _reference_images(loaded.recipe, REFERENCE_SUBSET))
 
 
+def _patches(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
+    """KID and Frechet distance on fixed weight-free patch features, and the mean absolute
+    Laplacian, against REFERENCE_SUBSET data images."""
+    from .metrics.patches import patches_metrics
+
+    return patches_metrics(gen.samples, _reference_images(loaded.recipe, REFERENCE_SUBSET))
+
+
 METRICS: dict[str, Callable[..., dict[str, float]]] = {
     "circles": _circles, "digits": _digits, "inception": _inception,
-    "moving_shapes": _moving_shapes, "tones": _tones, "spectrum": _spectrum,
+    "moving_shapes": _moving_shapes, "tones": _tones, "spectrum": _spectrum, "patches": _patches,
 }
 # the modality of the samples each metric measures
 METRIC_MODALITY = {"circles": "image", "digits": "image", "inception": "image",
-                   "moving_shapes": "video", "tones": "audio", "spectrum": "image"}
+                   "moving_shapes": "video", "tones": "audio", "spectrum": "image", "patches": "image"}
 
 
 def evaluate(

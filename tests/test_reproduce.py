@@ -1,5 +1,6 @@
-"""benchmarks/reproduce.py: the table plan and cell format (fast), and --quick end to end with a
-resume that re-trains and re-evaluates nothing (slow)."""
+"""benchmarks/reproduce.py: the table plan, the matched control's settings, the paired bootstrap
+interval, the cell format and the tables with the control and the floors (fast), and --quick end
+to end with a resume that re-trains and re-evaluates nothing (slow)."""
 
 import importlib.util
 import json
@@ -26,29 +27,168 @@ def test_plan_covers_the_papers_tables():
     rp = _load()
     tables = rp.plan_tables(list(rp.TASKS), ["digits"])
     titles = [t.title.split(" (")[0] for t in tables]
-    assert titles == ["Table 1"] * 3 + ["Modalities"] * 2 + ["Table 2", "Table 3", "Table 4", "Table 5", "Table 6",
-                                                              "Table 7", "Table 8", "Table 8"]
-    # video and audio: MSE vs SP at 25 steps, nothing else
+    assert titles == (["SP vs its matched control"] * 6 + ["Table 1"] * 4 + ["Modalities"] * 2
+                      + ["Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7"] + ["Table 8"] * 3)
+    assert [t.task for t in tables[:6]] == list(rp.TASKS) and {t.kind for t in tables[:6]} == {"paired"}
+    assert [u.model for _, u in tables[0].rows] == ["mse", "sp", "control"]
+    # video and audio: MSE vs SP vs the control at 25 steps, nothing else
     for task in ("moving_shapes", "tones"):
-        t = next(t for t in tables if t.task == task)
-        assert [(u.model, u.steps, u.guidance) for _, u in t.rows] == [("mse", 25, 1.0), ("sp", 25, 1.0)]
-        assert rp.models_of(task, tables) == ["mse", "sp"]
+        t = next(t for t in tables if t.task == task and t.kind == "rows")
+        assert [(u.model, u.steps, u.guidance) for _, u in t.rows] == [("mse", 25, 1.0), ("sp", 25, 1.0),
+                                                                       ("control", 25, 1.0)]
+        assert rp.models_of(task, tables) == ["mse", "sp", "control"]
     t1 = {t.task: t for t in tables if t.title.startswith("Table 1")}
-    # conditional: MSE 25/50, MSE + CFG 7.5 without and with rescale 0.7, SP 25/50; NFE doubles with CFG
+    # conditional: MSE 25/50, MSE + CFG 7.5 without and with rescale 0.7, SP 25/50, control 25/50;
+    # NFE doubles with CFG
     assert [(u.model, u.steps, u.guidance, u.rescale, u.nfe) for _, u in t1["digits"].rows] == [
         ("mse", 25, 1.0, 0.0, 25), ("mse", 50, 1.0, 0.0, 50), ("mse", 25, 7.5, 0.0, 50),
-        ("mse", 25, 7.5, 0.7, 50), ("sp", 25, 1.0, 0.0, 25), ("sp", 50, 1.0, 0.0, 50)]
-    assert [u.model for _, u in t1["circles"].rows] == ["mse", "mse", "sp", "sp"]  # no CFG unconditionally
+        ("mse", 25, 7.5, 0.7, 50), ("sp", 25, 1.0, 0.0, 25), ("sp", 50, 1.0, 0.0, 50),
+        ("control", 25, 1.0, 0.0, 25), ("control", 50, 1.0, 0.0, 50)]
+    for task in ("circles", "photo_patches"):  # no CFG unconditionally
+        assert [u.model for _, u in t1[task].rows] == ["mse", "mse", "sp", "sp", "control", "control"]
     t7 = next(t for t in tables if t.title.startswith("Table 7"))
     assert [(u.model, u.guidance, u.rescale) for _, u in t7.rows] == [
-        ("mse", 7.5, 0.7), ("sp", 1.0, 0.0), ("sp", 2.0, 0.7), ("sp", 3.0, 0.7), ("sp", 4.0, 0.7), ("sp", 7.5, 0.7)]
-    assert {t.task for t in tables if t.title.startswith("Table 8")} == {"circles", "digits_uncond"}
-    # every variant on the ablation task, parents before children; only MSE + SP elsewhere
+        ("mse", 7.5, 0.7), ("control", 7.5, 0.7), ("sp", 1.0, 0.0), ("sp", 2.0, 0.7), ("sp", 3.0, 0.7),
+        ("sp", 4.0, 0.7), ("sp", 7.5, 0.7)]
+    assert {t.task for t in tables if t.title.startswith("Table 8")} == {"circles", "digits_uncond", "photo_patches"}
+    # every table with an SP-trained row holds the control (the ablations are compared with the same one)
+    for t in tables:
+        if any(rp.stage_of(u.model) == "sp" for _, u in t.rows):
+            assert any(u.model == "control" for _, u in t.rows), t.title
+    # every variant on the ablation task, parents before children; only MSE, SP and the control elsewhere
     digits = rp.models_of("digits", tables)
-    assert digits[:2] == ["mse", "sp"] and set(digits) == {"mse", *rp.VARIANTS}
-    assert rp.models_of("circles", tables) == ["mse", "sp"]
-    assert rp.VARIANTS["sp_repeat"].parent == "sp"
+    assert digits[:3] == ["mse", "sp", "control"] and set(digits) == {"mse", *rp.VARIANTS}
+    assert rp.models_of("circles", tables) == rp.models_of("photo_patches", tables) == ["mse", "sp", "control"]
+    assert rp.VARIANTS["sp_repeat"].parent == "sp" and rp.VARIANTS["control"].parent == "mse"
+    assert rp.stage_of("control") == "mse" and rp.stage_of("sp_repeat") == "sp"
     assert rp.VARIANTS["layers_encoder+mid"].overrides == ("sp.layers=encoder+mid",)
+    assert rp.DEFAULT_TASKS == ["circles", "digits", "digits_uncond", "photo_patches"]
+    assert rp.SCALES["full"].seeds >= 4
+
+
+@pytest.mark.parametrize("sp_settings", [
+    [],  # the recipe's own [sp]
+    ["sp.steps=37", "sp.batch_size=5", "sp.grad_accum=3", "sp.lr=2.5e-5", "sp.weight_decay=0.01",
+     "sp.adam_betas=[0.8, 0.95]", "sp.warmup_steps=7", "sp.grad_clip=0.5", "sp.ema_decay=0.99",
+     "sp.ema_warmup=false", "sp.cond_dropout=0.2", "sp.init_weights=online"],
+    ["sp.perceptual_weights=online"],  # init_weights "frozen": the online weights then
+])
+@pytest.mark.parametrize("task", ["circles", "digits", "digits_uncond", "photo_patches", "moving_shapes", "tones"])
+def test_control_settings_equal_the_sp_stage_field_by_field(task, sp_settings, tmp_path):
+    import dataclasses
+
+    from perceptual_diffusion.config import StageConfig, load_recipe
+
+    rp = _load()
+    recipe_path = rp.ROOT / rp.TASKS[task].recipe
+    base = ["seed=3", "mse.steps=1000", "mse.lr=1e-3", "mse.warmup_steps=50", "mse.cond_dropout=0.1", *sp_settings]
+    sp = load_recipe(recipe_path, base)
+    control = load_recipe(recipe_path, base + rp.control_overrides(sp)
+                          + ["train.stages=['mse']", f"mse.init='{tmp_path}'"])
+    fields = [f.name for f in dataclasses.fields(StageConfig) if f.name not in ("init", "init_weights")]
+    assert {"steps", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay", "ema_warmup",
+            "cond_dropout"} <= set(fields)
+    for name in fields:
+        assert getattr(control.mse, name) == getattr(sp.sp, name), name
+    start = sp.sp.perceptual_weights if sp.sp.init_weights == "frozen" else sp.sp.init_weights
+    assert control.mse.init_weights == start == ("online" if sp_settings else "ema")
+    assert control.seed == sp.seed == 3 and control.mse.init == str(tmp_path)
+    assert control.data == sp.data and control.model == sp.model and control.schedule == sp.schedule
+
+
+def test_bootstrap_interval_on_known_data():
+    rp = _load()
+    assert rp.bootstrap_ci([0.25] * 4) == (0.25, 0.25)                      # a constant difference: zero width
+    lo, hi = rp.bootstrap_ci([-3.0, -1.0, 1.0, 3.0])                         # symmetric about 0: covers 0
+    assert lo < 0 < hi and lo == pytest.approx(-hi, abs=0.26)
+    # two seeds {0, 1}: the resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4
+    assert rp.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    assert rp.bootstrap_ci([0.0, 1.0], level=0.4) == (0.5, 0.5)
+    data = [0.3, -0.1, 0.5, 0.2, 0.4, 0.0]
+    assert rp.bootstrap_ci(data) == rp.bootstrap_ci(data)                    # a fixed RNG seed
+    lo, hi = rp.bootstrap_ci(data)
+    assert min(data) <= lo < sum(data) / len(data) < hi <= max(data)
+    wide, narrow = rp.bootstrap_ci(data), rp.bootstrap_ci(data * 4)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]                         # more seeds, narrower
+    assert rp.bootstrap_ci([2.0]) == (2.0, 2.0)
+    for bad in ([], [1.0, float("inf")]):
+        with pytest.raises(ValueError):
+            rp.bootstrap_ci(bad)
+
+
+def test_paired_cells_pair_seeds_and_count_wins():
+    rp = _load()
+    lower, higher, one = rp.Column("fid", "FID ↓"), rp.Column("acc", "acc ↑", "higher"), rp.Column("r", "r", "one")
+    assert rp.paired_cell(lower, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) == "-1.00 [-1.00, -1.00], 3/3 better"
+    assert rp.paired_cell(higher, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) == "-1.00 [-1.00, -1.00], 0/3 better"
+    # a seed missing on either side (nan) or an inf is left out of the pairs
+    assert rp.paired_cell(lower, [1.0, float("nan"), float("inf"), 5.0], [2.0, 3.0, 4.0, 4.0]).endswith("1/2 better")
+    assert rp.paired_cell(one, [1.1, 0.7], [1.3, 0.9]).endswith("1/2 better")  # 1.1 beats 1.3, 0.7 loses to 0.9
+    assert rp.paired_cell(lower, [1.0], [1.5]) == "-0.500 (1 seed)"
+    assert rp.paired_cell(lower, [], []) == "–"
+    assert rp.paired_cell(rp.Column("kid_se", "SE", "se"), [1.0, 2.0], [1.0, 1.0]) == "–"
+
+
+def _fake_rows(rp, cfg, tables):
+    """Rows of every unit and seed: metric value = 1 for the control, 0.5 for SP, 2 for MSE (+ seed / 100)."""
+    rows = {}
+    level = {"control": 1.0, "sp": 0.5, "mse": 2.0}
+    for t in tables:
+        for _, u in t.rows:
+            for seed in cfg.seeds:
+                value = level.get(u.model, 0.75) + seed / 100
+                ev = {c.key: value for c in rp.TASKS[u.task].columns}
+                rows[rp.row_key(cfg, u, seed)] = {"eval": ev, "train_wall_s": {"mse": 10.0, u.model: 5.0},
+                                                  "eval_wall_s": 1.0}
+    return rows
+
+
+def test_tables_show_the_control_the_paired_differences_and_the_floors(tmp_path):
+    rp = _load()
+    cfg = rp.build_config(rp.parse_args(["--work-dir", str(tmp_path)]))
+    tables = rp.plan_tables(["photo_patches", "digits"], ["digits"])
+    floors = {"photo_patches": {"real": {"patches_kid": (0.01, 0.1), "spectrum_hf_ratio": (1.05, 0.1)},
+                                "train": {"patches_kid": (0.2, 0.1)}},
+              "digits": {"real": {"digits_fid": (3.0, 0.5)}}}
+    text = rp.render_tables(cfg, tables, _fake_rows(rp, cfg, tables), 60.0, floors)
+    sections = {s.split("\n")[0]: s for s in text.split("## ")[1:]}
+    paired = sections["SP vs its matched control (photo_patches)"]
+    assert ("| Metric | Real vs real (floor), n = 300 | Training data vs held-out, n = 300 | MSE base | SP | "
+            "Control | SP − control, paired [95% CI] |") in paired
+    # SP 0.5 + seed/100 against the control 1 + seed/100: -0.5 in every seed, all 4 better (KID ↓)
+    assert "| patches-KID ↓ | 0.0100 ± 0.1000 | 0.200 ± 0.100 | 2.01 ± 0.01 | 0.515 ± 0.013 | 1.02 ± 0.01 | " \
+           "-0.500 [-0.500, -0.500], 4/4 better |" in paired
+    se = next(line for line in paired.splitlines() if line.startswith("| KID SE |"))
+    assert se.startswith("| KID SE | – | – |") and se.endswith("| – |")  # a standard error is not compared
+    assert paired.count("\n| ") == 1 + len(rp.TASKS["photo_patches"].columns)  # the header and a line per metric
+    # closer to 1 is better for the ratios: the control's 1.02 beats SP's 0.515 in every seed
+    assert "| HF energy ratio (1 = data) | 1.05 ± 0.10 | – |" in paired and paired.count("0/4 better") == 2
+    t1 = sections["Table 1 (digits)"]
+    assert "digits-FID − control [95% CI]" in t1
+    assert "| SP |  |  | 25 | 25 |" in t1 and "-0.500 [-0.500, -0.500], 4/4 better |" in t1
+    assert "| MSE continued (control) |  |  | 50 | 50 |" in t1 and "| Real vs real (floor), n = 300 |" in t1
+    mse_cfg = next(line for line in t1.splitlines() if line.startswith("| MSE | 7.5 |  |"))
+    assert mse_cfg.endswith("| – |")  # no control at CFG 7.5 without rescale in Table 1
+    t7 = sections["Table 7 (digits): SP with classifier-free guidance"]
+    sp_cfg = next(line for line in t7.splitlines() if line.startswith("| SP | 7.5 | 0.7 |"))
+    assert sp_cfg.endswith("4/4 better |")  # paired with the control at CFG 7.5 rescale 0.7
+    for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6"):
+        body = next(s for k, s in sections.items() if k.startswith(title))
+        assert "| MSE continued (control) |" in body and "− control [95% CI]" in body
+    assert "percentile-bootstrap" in text and "10,000 resamples" in text
+
+
+def test_floors_of_photo_patches_include_the_training_data():
+    rp = _load()
+    got = rp.compute_floors("photo_patches", 16, 40)
+    assert set(got) == {"real", "train"}
+    keys = {c.key for c in rp.TASKS["photo_patches"].columns}
+    assert keys <= set(got["real"]) and keys <= set(got["train"])
+    mean, std = got["real"]["patches_laplacian_ratio"]
+    assert 0.7 < mean < 1.4 and std > 0  # 40 against 40 patches: a noisy ratio
+    assert rp.compute_floors("photo_patches", 16, 3000) == {"real": {}}  # 4096 held-out patches < 2 x 3000
+    circles = rp.compute_floors("circles", 16, 40)
+    assert set(circles) == {"real"} and circles["real"]["valid_fraction"][0] > 0.9
 
 
 def test_cells_show_mean_and_sample_std():
@@ -87,12 +227,15 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
     tables = rp.plan_tables(rp.IMAGE_TASKS, ["digits"])
     wanted = {(u.task, u.model, u.steps, u.guidance, u.rescale) for t in tables for _, u in t.rows}
     assert set(by_unit) == wanted and all(seeds == {0, 1} for seeds in by_unit.values())
-    assert len(rows) == 2 * len(wanted) == 2 * (4 + 18 + 4)
+    # Table 1: 6 units (circles, digits_uncond, photo_patches) and 8 (digits); 8 more SP runs in
+    # Tables 2-6; the control with CFG and SP at 4 guidance scales in Table 7
+    assert len(rows) == 2 * len(wanted) == 2 * (6 + 8 + 6 + 6 + 8 + 5)
     metric_keys = {"circles": {"valid_fraction", "param_fd", "coverage"},
-                   "digits": {"digits_fid", "digits_is", "label_accuracy"},
-                   "digits_uncond": {"digits_fid", "digits_is"}}
+                   "digits": {"digits_fid", "digits_kid", "digits_kid_se", "digits_is", "label_accuracy"},
+                   "digits_uncond": {"digits_fid", "digits_kid", "digits_is"},
+                   "photo_patches": {"patches_kid", "patches_kid_se", "patches_fd", "patches_laplacian_ratio"}}
     for r in rows:
-        assert metric_keys[r["task"]] <= r["eval"].keys()
+        assert metric_keys[r["task"]] | {"spectrum_hf_ratio"} <= r["eval"].keys()
     assert "label_accuracy" not in next(r for r in rows if r["task"] == "digits_uncond")["eval"]
 
     text = (results / "tables.md").read_text()
@@ -101,17 +244,21 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "AMD" in text or "cores" in text  # the machine line
     assert re.search(r"Training: MSE 30 steps \(\d+ s per seed\), then SP 15 steps", text)
     sections = text.split("## ")[1:-1]  # the last is the figures' legend
-    assert len(sections) == 3 + 5 + 1 + 2
+    assert len(sections) == 4 + 4 + 5 + 1 + 3
     for sec in sections:
         body = [line for line in sec.splitlines() if line.startswith("| ") and "---" not in line][1:]
         assert body and all(re.search(r"\d ± \d", line) for line in body), sec
+        assert "control" in sec and "Real vs real (floor), n = 40" in sec, sec
+    assert "Training data vs held-out, n = 40" in text  # photo_patches
+    floors = json.loads((results / "floors.json").read_text())
+    assert {k.split("|")[0] for k in floors} == set(rp.IMAGE_TASKS)
     for task in rp.IMAGE_TASKS:
         for kind in ("samples", "trajectory"):
             img = Image.open(results / "figures" / f"{task}_{kind}.png")
             assert img.width > 100 and img.height > 30
-    # samples: 10 per row, rows MSE / SP (/ MSE + CFG): 3 x (16 x 3 + 1) + 1 px high for digits
-    assert Image.open(results / "figures" / "digits_samples.png").height == 3 * 49 + 1
-    assert Image.open(results / "figures" / "circles_samples.png").height == 2 * 49 + 1
+    # samples: 10 per row, rows MSE / control / SP (/ MSE + CFG): 4 x (16 x 3 + 1) + 1 px high for digits
+    assert Image.open(results / "figures" / "digits_samples.png").height == 4 * 49 + 1
+    assert Image.open(results / "figures" / "circles_samples.png").height == 3 * 49 + 1
 
     # a second invocation trains nothing, evaluates nothing and leaves the rows alone
     rows_before, ckpts_before = (results / "rows.jsonl").read_bytes(), _checkpoints(work)
@@ -162,12 +309,12 @@ def test_interrupted_training_resumes_from_its_latest_checkpoint(tmp_path, monke
     monkeypatch.setattr(rp.Trainer, "__init__", lambda self, recipe, run_dir, resume=None, progress=True: (
         resumes.append((Path(run_dir).name, resume)), init(self, recipe, run_dir, resume, progress))[1])
     assert rp.main(args) == 0
-    assert resumes == [("mse", "latest"), ("sp", None)]
+    assert resumes == [("mse", "latest"), ("sp", None), ("control", None)]
     steps = [json.loads(line)["stage_step"] for line in (mse_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30]  # continued from step 10, nothing trained twice
     assert json.loads((mse_dir / "reproduce.json").read_text())["wall_s"] > wall  # wall time accumulates
     rows = [json.loads(line) for line in (results / "rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {r["variant"] for r in rows} == {"mse", "sp"}
+    assert len(rows) == 6 and {r["variant"] for r in rows} == {"mse", "sp", "control"}
 
 
 def test_seed_list_picks_the_training_seeds(tmp_path):
@@ -175,8 +322,24 @@ def test_seed_list_picks_the_training_seeds(tmp_path):
     cfg = rp.build_config(rp.parse_args(["--seed-list", "2,0", "--work-dir", str(tmp_path)]))
     assert cfg.seeds == [2, 0] and cfg.label == "full"
     assert rp.build_config(rp.parse_args(["--seeds", "2", "--work-dir", str(tmp_path)])).seeds == [0, 1]
+    assert rp.build_config(rp.parse_args(["--work-dir", str(tmp_path)])).seeds == [0, 1, 2, 3]
     with pytest.raises(SystemExit):
         rp.parse_args(["--seed-list", "1,x"])
+    with pytest.raises(SystemExit):
+        rp.parse_args(["--jobs", "0"])
+
+
+def test_jobs_workers_run_the_same_configuration_on_their_seeds(tmp_path):
+    rp = _load()
+    args = rp.parse_args(["--quick", "--jobs", "2", "--samples", "12", "--tasks", "circles,digits",
+                          "--ablation-tasks", "", "--scale-steps", "0.5", "--work-dir", str(tmp_path)])
+    cfg = rp.build_config(args)
+    worker_args = rp.parse_args(rp.worker_argv(args, cfg, [1, 3]))
+    worker = rp.build_config(worker_args)
+    assert worker.seeds == [1, 3] and worker_args.jobs == 1 and worker_args.no_tables and worker_args.no_figures
+    assert (worker_args.tasks, worker_args.ablation_tasks) == (["circles", "digits"], [])
+    for name in ("label", "mse_steps", "sp_steps", "samples", "sizes", "work_dir", "results_dir", "checkpoint_every"):
+        assert getattr(worker, name) == getattr(cfg, name), name
 
 
 @pytest.mark.slow
@@ -188,10 +351,10 @@ def test_quick_reproduction_of_the_video_and_audio_rows(tmp_path):
     assert rp.main(args) == 0
     rows = [json.loads(line) for line in (results / "rows.jsonl").read_text().splitlines()]
     assert sorted((r["task"], r["variant"], r["seed"]) for r in rows) == sorted(
-        (t, v, s) for t in ("moving_shapes", "tones") for v in ("mse", "sp") for s in (0, 1))
+        (t, v, s) for t in ("moving_shapes", "tones") for v in ("mse", "sp", "control") for s in (0, 1))
     for r in rows:
         assert r["steps"] == 25 and r["eval"]["n"] == 24
-        assert {k for k, _ in rp.TASKS[r["task"]].columns} <= r["eval"].keys()
+        assert {c.key for c in rp.TASKS[r["task"]].columns} <= r["eval"].keys()
     text = (results / "tables.md").read_text()
     assert "## Modalities (moving_shapes, video)" in text and "## Modalities (tones, audio)" in text
     assert "8 frames of 16x16" in text and "2048 samples at 8000 Hz" in text

@@ -1,12 +1,14 @@
 """Datasets that ship (no download) and loaders for real data, per modality:
 
-    image  circles (generated one-disk images), digits (scikit-learn's 8x8 digits), image_folder,
+    image  circles (generated one-disk images), digits (scikit-learn's 8x8 digits), photo_patches
+           (patches of scikit-learn's two sample photos, with a held-out split), image_folder,
            shards (LAION-style webdataset tar shards with metadata filters)
     video  moving_shapes (generated clips of one bouncing disk), video_folder
     audio  tones (generated sine tones on a scale), audio_folder (WAV/FLAC via soundfile)
 
-`build_dataset` makes one from a recipe's [data] table; `sample_shape` is the shape of one item,
-which is also the shape of the noise the sampler starts from.
+`build_dataset` makes one from a recipe's [data] table; `build_reference_dataset` the data that
+metrics compare samples with (the held-out split where the dataset has one); `sample_shape` is the
+shape of one item, which is also the shape of the noise the sampler starts from.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from ..config import DataConfig
 from .digits import DigitsDataset
 from .folder import ImageFolderDataset
 from .loader import ResumableBatchSampler, SkipCorrupt, collate_skip, make_loader
+from .photos import PhotoPatchesDataset
 from .synthetic import CirclesDataset, circles
 
-__all__ = ["build_dataset", "num_classes", "sample_shape", "modality", "DATASETS", "MODALITY", "circles",
-           "CirclesDataset", "DigitsDataset", "ImageFolderDataset", "ResumableBatchSampler", "SkipCorrupt",
-           "collate_skip", "make_loader"]
+__all__ = ["build_dataset", "build_reference_dataset", "num_classes", "sample_shape", "modality", "DATASETS",
+           "MODALITY", "circles", "CirclesDataset", "DigitsDataset", "PhotoPatchesDataset", "ImageFolderDataset",
+           "ResumableBatchSampler", "SkipCorrupt", "collate_skip", "make_loader"]
 
 # dataset name -> modality; a new dataset adds one entry here and one branch in build_dataset
 MODALITY = {
-    "circles": "image", "digits": "image", "image_folder": "image", "shards": "image",
+    "circles": "image", "digits": "image", "photo_patches": "image", "image_folder": "image",
+    "shards": "image",
     "moving_shapes": "video", "video_folder": "video",
     "tones": "audio", "audio_folder": "audio",
 }
@@ -64,6 +68,8 @@ def build_dataset(cfg: DataConfig) -> Dataset:
         return CirclesDataset(cfg.num_items, cfg.size, cfg.seed)
     if cfg.name == "digits":
         return DigitsDataset(cfg.size, cfg.conditional)
+    if cfg.name == "photo_patches":
+        return _photo_patches(cfg, "train")
     if cfg.name == "image_folder":
         return ImageFolderDataset(cfg.path, cfg.size, cfg.channels, empty_captions=cfg.empty_captions)
     if cfg.name == "shards":
@@ -83,6 +89,20 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     if cfg.name == "tones":
         return TonesDataset(cfg.num_items, cfg.length, cfg.sample_rate, cfg.seed, cfg.conditional)
     return AudioFolderDataset(cfg.path, cfg.length, cfg.sample_rate, cfg.channels)
+
+
+def build_reference_dataset(cfg: DataConfig) -> Dataset:
+    """What metrics compare samples with: the held-out split of a dataset that has one
+    (photo_patches: patches that share no pixel with the training ones), else `build_dataset(cfg)`."""
+    if cfg.name == "photo_patches":
+        return _photo_patches(cfg, "heldout")
+    return build_dataset(cfg)
+
+
+def _photo_patches(cfg: DataConfig, split: str) -> PhotoPatchesDataset:
+    if cfg.conditional:
+        raise ValueError("data.conditional must be false for photo_patches (the patches carry no labels)")
+    return PhotoPatchesDataset(cfg.num_items, cfg.size, cfg.channels, cfg.seed, split)
 
 
 def num_classes(cfg: DataConfig) -> int | None:

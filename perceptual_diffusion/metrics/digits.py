@@ -249,8 +249,8 @@ def _reference_statistics(net: DigitsFeatureNet) -> RunningStats:
 
 def digits_metrics(samples: Tensor, labels: Tensor | None = None,
                    classifier: DigitsClassifier | DigitsFeatureNet | None = None, *,
-                   cache_dir: str | os.PathLike | None = None, batch_size: int = 256
-                   ) -> dict[str, float]:
+                   cache_dir: str | os.PathLike | None = None, batch_size: int = 256,
+                   reference: Tensor | None = None) -> dict[str, float]:
     """Digits metrics of samples [N x 1 x S x S] in [-1, 1] (N >= 2).
 
     - "digits_fid": Frechet distance between the classifier's penultimate features of the
@@ -262,7 +262,9 @@ def digits_metrics(samples: Tensor, labels: Tensor | None = None,
     - "label_accuracy" (when `labels` (N,) are given): fraction classified as their
       conditioning label, the class alignment that classifier-free guidance buys.
 
-    `classifier` defaults to `load_digits_classifier(S, cache_dir)`.
+    `classifier` defaults to `load_digits_classifier(S, cache_dir)`. `reference` (real images
+    [M x 1 x S x S]) replaces the 1,797 digits as what FID and KID compare with, e.g. for a
+    real-versus-real floor between two disjoint subsets of the digits.
     """
     if samples.ndim != 4 or samples.shape[1] != 1 or samples.shape[-1] != samples.shape[-2]:
         raise ValueError(f"expected samples [N x 1 x S x S], got {tuple(samples.shape)}")
@@ -274,7 +276,8 @@ def digits_metrics(samples: Tensor, labels: Tensor | None = None,
     if classifier is None:
         classifier = load_digits_classifier(size, cache_dir)
     net = classifier if isinstance(classifier, DigitsFeatureNet) else DigitsFeatureNet(classifier)
-    ref = _reference_statistics(net)
+    ref = (_reference_statistics(net) if reference is None else
+           compute_statistics(net, reference.split(batch_size), key="reference", keep_features=True))
     stats = compute_statistics(net, samples.split(batch_size), key="samples", keep_features=True)
     logits = torch.cat([net.logits(b) for b in samples.split(batch_size)]).double()
     is_mean, is_std = inception_score(logits.softmax(1), splits=1 if n < 100 else 10)
