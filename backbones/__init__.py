@@ -7,17 +7,19 @@ from typing import Any, Callable
 from torch import nn
 
 from .audio_dit import AudioDiT, AudioDiTConfig
+from .image_dit import ImageDiT, ImageDiTConfig
 from .image_unet import ImageUNet, ImageUNetConfig
 from .video_unet import VideoUNet, VideoUNetConfig
 
 __all__ = ["ImageUNet", "ImageUNetConfig", "VideoUNet", "VideoUNetConfig", "AudioDiT", "AudioDiTConfig",
-           "BACKBONES", "build_backbone"]
+           "ImageDiT", "ImageDiTConfig", "BACKBONES", "build_backbone"]
 
 # recipe name -> class with from_preset(name, **overrides); a new backbone adds one line here
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "image_unet": ImageUNet,
     "video_unet": VideoUNet,
     "audio_dit": AudioDiT,
+    "image_dit": ImageDiT,
 }
 
 try:  # the diffusers adapter needs the `sd` extra (diffusers, transformers)

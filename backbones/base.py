@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
@@ -29,7 +30,7 @@ from perceptual_diffusion.denoiser import TappedDenoiser
 
 from .layers import ATTENTION_BACKENDS, timestep_embedding
 
-__all__ = ["Backbone", "ConformanceExample", "apply_overrides", "unet_feature_info"]
+__all__ = ["Backbone", "ConformanceExample", "apply_overrides", "unet_feature_info", "validate_backbone_fields"]
 
 _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -207,16 +208,9 @@ def validate_unet_config(cfg: Any, extra_attending: Iterable[int] = ()) -> None:
         positive("channel_mult entries", m)
     levels = len(cfg.channel_mult)
     check_levels(owner, "attention_levels", cfg.attention_levels, levels)
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"{owner}.dropout must be in [0, 1), got {cfg.dropout!r}")
     if (cfg.head_dim is None) == (cfg.num_heads is None):
         raise ValueError(f"{owner}: give exactly one of head_dim and num_heads")
-    if cfg.num_classes is not None and cfg.context_dim is not None:
-        raise ValueError(f"{owner}: num_classes and context_dim are exclusive; set one of them")
-    if cfg.attention_backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"{owner}.attention_backend={cfg.attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
-    if not isinstance(cfg.gradient_checkpointing, bool):
-        raise ValueError(f"{owner}.gradient_checkpointing must be a bool, got {cfg.gradient_checkpointing!r}")
+    validate_backbone_fields(cfg)
     attending = set(cfg.attention_levels) | set(extra_attending) | {levels - 1}
     for i, m in enumerate(cfg.channel_mult):
         ch = cfg.base_channels * m
@@ -227,6 +221,23 @@ def validate_unet_config(cfg: Any, extra_attending: Iterable[int] = ()) -> None:
             if ch % split:
                 raise ValueError(f"{owner}: level {i} has {ch} channels (with attention), "
                                  f"not divisible by {what}={split}")
+
+
+def validate_backbone_fields(cfg: Any) -> None:
+    """The checks of the fields every backbone config has, ValueError naming the config class:
+    dropout in [0, 1), num_classes and context_dim exclusive, a known attention backend, and
+    gradient_checkpointing and qk_norm bools."""
+    owner = type(cfg).__name__
+    p = cfg.dropout
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{owner}.dropout must be in [0, 1), got {p!r}")
+    if cfg.num_classes is not None and cfg.context_dim is not None:
+        raise ValueError(f"{owner}: num_classes and context_dim are exclusive; set one of them")
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"{owner}.attention_backend={cfg.attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+    for name in ("gradient_checkpointing", "qk_norm"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{owner}.{name} must be True or False, got {getattr(cfg, name)!r}")
 
 
 def check_levels(owner: str, name: str, value: Any, levels: int, hint: str = "") -> None:

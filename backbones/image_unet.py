@@ -52,6 +52,7 @@ class ImageUNetConfig:
     groups: int = 32
     attention_backend: str = "sdpa"
     gradient_checkpointing: bool = False
+    qk_norm: bool = True             # QKNorm in every attention (the tiny preset: off)
 
     def __post_init__(self) -> None:
         # recipes arrive as TOML/JSON, where tuples are lists
@@ -86,7 +87,7 @@ class ImageUNet(Backbone):
     PRESETS: ClassVar[dict[str, ImageUNetConfig]] = {
         "tiny": ImageUNetConfig(
             base_channels=24, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-            head_dim=24, groups=8,
+            head_dim=24, groups=8, qk_norm=False,
         ),
         "small": ImageUNetConfig(
             base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), head_dim=32
@@ -107,7 +108,8 @@ class ImageUNet(Backbone):
 
         def attn(ch: int) -> AttentionBlock:
             return AttentionBlock(
-                ch, **heads, context_dim=c.context_dim, backend=c.attention_backend, groups=c.groups
+                ch, **heads, context_dim=c.context_dim, backend=c.attention_backend, groups=c.groups,
+                qk_norm=c.qk_norm,
             )
 
         self.time_embed = nn.Sequential(

@@ -21,6 +21,7 @@ __all__ = [
     "Downsample",
     "Upsample",
     "attention",
+    "QKNorm",
     "MultiHeadAttention",
     "AttentionBlock",
     "ATTENTION_BACKENDS",
@@ -179,16 +180,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
 
-class MultiHeadAttention(nn.Module):
-    """Self-attention (context_dim None) or cross-attention on tokens (N, L, ch)."""
+class QKNorm(nn.Module):
+    """RMSNorm of queries and keys per head, with learned scales: (B, heads, L, head_dim) each.
 
-    def __init__(self, ch: int, heads: int, context_dim: int | None, backend: str):
+    Bounds the attention logits q.k / sqrt(d) by the learned scales, where plain attention lets
+    them grow with the projection weights until the softmax saturates: the default ImageUNet at
+    lr 1e-3 (benchmarks/RESULTS.md) went from logits ~10 to ~200 in 50 steps as its loss jumped
+    (the query-key normalisation of Dehghani et al. 2023 and Stable Diffusion 3)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k = nn.RMSNorm(head_dim, eps=1e-6)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.q(q), self.k(k)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention (context_dim None) or cross-attention on tokens (N, L, ch); `qk_norm` adds
+    `QKNorm`."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int | None, backend: str, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         self.attention_backend = backend
         self.to_q = nn.Linear(ch, ch, bias=False)
         self.to_kv = nn.Linear(context_dim or ch, 2 * ch, bias=False)
         self.to_out = nn.Linear(ch, ch)
+        self.qk_norm = QKNorm(ch // heads) if qk_norm else None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         n, length, ch = x.shape
@@ -197,7 +217,10 @@ class MultiHeadAttention(nn.Module):
         def split(a: Tensor) -> Tensor:  # (N, L, ch) -> (N, heads, L, ch / heads)
             return a.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        out = attention(split(self.to_q(x)), split(k), split(v), self.attention_backend)
+        q, k = split(self.to_q(x)), split(k)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
+        out = attention(q, k, split(v), self.attention_backend)
         return self.to_out(out.transpose(1, 2).reshape(n, length, ch))
 
 
@@ -217,6 +240,7 @@ class AttentionBlock(nn.Module):
         context_dim: int | None = None,
         backend: str = "sdpa",
         groups: int = 32,
+        qk_norm: bool = False,
     ):
         super().__init__()
         if (num_heads is None) == (head_dim is None):
@@ -231,10 +255,10 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         self.context_dim = context_dim
         self.norm = nn.GroupNorm(groups, ch)
-        self.self_attn = MultiHeadAttention(ch, num_heads, None, backend)
+        self.self_attn = MultiHeadAttention(ch, num_heads, None, backend, qk_norm)
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(ch)
-            self.cross_attn = MultiHeadAttention(ch, num_heads, context_dim, backend)
+            self.cross_attn = MultiHeadAttention(ch, num_heads, context_dim, backend, qk_norm)
         self.norm_ff = nn.LayerNorm(ch)
         self.ff = nn.Sequential(nn.Linear(ch, 4 * ch), nn.GELU(), nn.Linear(4 * ch, ch))
         self.proj_out = zero_(nn.Linear(ch, ch))

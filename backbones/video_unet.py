@@ -29,6 +29,7 @@ from .layers import (
     ATTENTION_BACKENDS,
     AttentionBlock,
     Downsample,
+    QKNorm,
     ResBlock,
     Upsample,
     attention,
@@ -67,6 +68,7 @@ class VideoUNetConfig:
     groups: int = 32
     attention_backend: str = "sdpa"
     gradient_checkpointing: bool = False
+    qk_norm: bool = True             # QKNorm in every attention (the tiny preset: off)
 
     def __post_init__(self) -> None:
         # recipes arrive as TOML/JSON, where tuples are lists
@@ -142,6 +144,7 @@ class TemporalAttention(nn.Module):
         head_dim: int | None = None,
         backend: str = "sdpa",
         groups: int = 32,
+        qk_norm: bool = False,
     ):
         super().__init__()
         if (num_heads is None) == (head_dim is None):
@@ -160,6 +163,7 @@ class TemporalAttention(nn.Module):
         self.frame_pos = nn.Linear(ch, ch)
         self.to_qkv = nn.Linear(ch, 3 * ch, bias=False)
         self.to_out = nn.Linear(ch, ch)
+        self.qk_norm = QKNorm(ch // num_heads) if qk_norm else None
         self.norm_ff = nn.LayerNorm(ch)
         self.ff = nn.Sequential(nn.Linear(ch, 4 * ch), nn.GELU(), nn.Linear(4 * ch, ch))
         self.proj_out = zero_(nn.Linear(ch, ch))
@@ -170,6 +174,8 @@ class TemporalAttention(nn.Module):
         index = torch.arange(frames, device=x.device)
         h = h + self.frame_pos(timestep_embedding(index, ch).to(h.dtype))
         q, k, v = (a.unflatten(-1, (self.heads, -1)).transpose(1, 2) for a in self.to_qkv(h).chunk(3, dim=-1))
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
         h = h + self.to_out(attention(q, k, v, self.attention_backend).transpose(1, 2).flatten(2))
         h = h + self.ff(self.norm_ff(h))
         h = self.proj_out(h).reshape(n, height, width, frames, ch).permute(0, 4, 3, 1, 2)
@@ -225,7 +231,7 @@ class VideoUNet(Backbone):
     PRESETS: ClassVar[dict[str, VideoUNetConfig]] = {
         "tiny": VideoUNetConfig(
             base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-            temporal_attention_levels=(1,), head_dim=16, groups=8,
+            temporal_attention_levels=(1,), head_dim=16, groups=8, qk_norm=False,
         ),
         "default": VideoUNetConfig(),
     }
@@ -243,9 +249,10 @@ class VideoUNet(Backbone):
                 ResBlock(cin, cout, emb_dim, dims=2, dropout=c.dropout, groups=c.groups),
                 TemporalConv(cout, dropout=c.dropout, groups=c.groups),
                 AttentionBlock(
-                    cout, **heads, context_dim=c.context_dim, backend=c.attention_backend, groups=c.groups
+                    cout, **heads, context_dim=c.context_dim, backend=c.attention_backend, groups=c.groups,
+                    qk_norm=c.qk_norm,
                 ) if spatial_attn else None,
-                TemporalAttention(cout, **heads, backend=c.attention_backend, groups=c.groups)
+                TemporalAttention(cout, **heads, backend=c.attention_backend, groups=c.groups, qk_norm=c.qk_norm)
                 if temporal_attn else None,
             )
 

@@ -39,6 +39,7 @@ CASES = {
     "image_unet": ("default", "tiny", (3, 32, 32), "label"),
     "video_unet": ("default", "tiny", (3, 8, 32, 32), "label"),
     "audio_dit": ("default", "tiny", (1, 2048), "label"),
+    "image_dit": ("default", "tiny", (3, 32, 32), "label"),
     "diffusers_unet": ("sd21-base", "tiny", (4, 64, 64), "context"),
 }
 

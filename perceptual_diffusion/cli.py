@@ -138,6 +138,8 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation import METRICS
+
     parser = argparse.ArgumentParser(prog="perceptual-diffusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,9 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="sample from a checkpoint and measure; writes JSON, prints one row")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--metric", action="append", required=True,
-                   help="circles | digits (FID, KID, IS) | inception (FID, KID and IS; needs the FID Inception "
-                        "weights) | spectrum (radial power spectrum against the data) | moving_shapes | tones; "
-                        "repeatable")
+                   help=f"one of {' | '.join(METRICS)} (the README describes each; inception needs the FID "
+                        "Inception weights); repeatable")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=1.0)

@@ -17,7 +17,7 @@ from perceptual_diffusion.config import RecipeError
 from perceptual_diffusion.trainer import check_device_support
 
 ROOT = Path(__file__).resolve().parents[1]
-OWN = ["image_unet", "video_unet", "audio_dit"]  # the library's backbones with their own attention
+OWN = [name for name, cls in BACKBONES.items() if name != "diffusers_unet"]  # the backbones with their own attention
 
 
 def _attention_modules(net: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,6 +1,10 @@
-"""AudioDiT: patching, adaLN-Zero init, taps and early exit, conditioning, checkpointing, configs."""
+"""AudioDiT: patching, adaLN-Zero init, taps and early exit, conditioning, checkpointing, configs,
+and that moving its blocks to backbones/transformer.py changed neither its weights' names nor
+its outputs."""
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ from hypothesis import strategies as st
 from backbones.audio_dit import AudioDiT, AudioDiTConfig, patchify, tap_names, unpatchify
 from perceptual_diffusion import NoiseSchedule, SelfPerceptual, make_perceptual
 from perceptual_diffusion.denoiser import Denoiser
+from perceptual_diffusion.testing import one_thread
 
 
 def perturbed(net: AudioDiT, seed: int = 0, scale: float = 0.05) -> AudioDiT:
@@ -303,3 +308,45 @@ def test_self_perceptual_loss_trains_through_audio_dit():
     # eq. 13: with t' = t the predicted and ground-truth inputs coincide, so the loss vanishes
     same = sp(net, x0, t=t, t_prime=t)
     torch.testing.assert_close(same, torch.zeros(2), rtol=0, atol=1e-8)
+
+
+# ---------------------------------------------------------------- checkpoints from before backbones/transformer.py
+
+_ATTN = ["to_q.weight", "to_kv.weight", "to_out.weight", "to_out.bias"]
+_MLP_ADALN = ["mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias", "adaLN.1.weight", "adaLN.1.bias"]
+_CROSS = ["norm_cross.weight", "norm_cross.bias"] + [f"cross_attn.{k}" for k in _ATTN]
+
+
+def _keys(depth: int, label: bool, cross: bool) -> list[str]:
+    """The state_dict keys of an AudioDiT as written before the refactor, in order."""
+    block = [f"attn.{k}" for k in _ATTN] + (_CROSS if cross else []) + _MLP_ADALN
+    return (["time_embed.0.weight", "time_embed.0.bias", "time_embed.2.weight", "time_embed.2.bias"]
+            + (["label_embed.weight"] if label else []) + ["patch_embed.weight", "patch_embed.bias"]
+            + [f"blocks.{i}.{k}" for i in range(depth) for k in block]
+            + ["final_layer.adaLN.1.weight", "final_layer.adaLN.1.bias",
+               "final_layer.linear.weight", "final_layer.linear.bias"])
+
+
+# sha256 of the float32 output bytes, recorded with backbones/audio_dit.py at a146dc8 (before its
+# blocks moved to backbones/transformer.py): torch 2.9.1, x86-64 CPU (AMD EPYC), one thread. The
+# refactor reproduced them bit for bit; a CPU whose float kernels round differently could change
+# a digest with no change of code, so a failure there means: compare against that commit first.
+_FROZEN = [
+    ({"num_classes": 3}, True, False, "a3fbbbdf2792860f72ea65a258636b963b5e84fc2d237dd106953c26a63b3fab"),
+    ({"context_dim": 8, "depth": 2}, False, True, "88b03244a5e0f345ca68d512c7283c7aacb8520421c1478c46b1b56dc48244fe"),
+]
+
+
+@pytest.mark.parametrize("overrides,label,cross,digest", _FROZEN)
+def test_old_checkpoints_load_and_compute_the_same_outputs(overrides, label, cross, digest):
+    net = AudioDiT.from_preset("tiny", **overrides).eval()
+    assert list(net.state_dict()) == _keys(net.config.depth, label, cross)
+    g = torch.Generator().manual_seed(0)
+    # every weight from the generator by sorted key: independent of the order modules are built in
+    state = {k: torch.randn(p.shape, generator=g) * 0.1 for k, p in sorted(net.state_dict().items())}
+    net.load_state_dict(state)  # strict: the old names, no more, no fewer
+    x = torch.randn(2, 1, 32, generator=g)
+    cond = torch.tensor([0, 3]) if label else torch.randn(2, 5, 8, generator=g)
+    with one_thread(), torch.no_grad():
+        v = net(x, torch.tensor([3, 871]), cond)
+    assert hashlib.sha256(v.numpy().tobytes()).hexdigest() == digest, v.flatten()[:4].tolist()

@@ -219,16 +219,16 @@ def test_bad_override_is_one_clear_line(item, message):
         (["data.channels=2"], "data.channels must be one of 1, 3, got 2"),
         (["data.num_items=0"], "data.num_items must be >= 1, got 0"),
         (["data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),
-        (["data.name=mnist"], "data.name must be one of 'circles', 'digits', 'image_folder', 'shards', "
-                               "'moving_shapes', 'video_folder', 'tones', 'audio_folder', got 'mnist'"),
+        (["data.name=mnist"], "data.name must be one of 'circles', 'digits', 'photo_patches', 'image_folder', "
+                               "'shards', 'moving_shapes', 'video_folder', 'tones', 'audio_folder', got 'mnist'"),
         (["data.name=tones", "data.channels=3"], "data.channels must be one of 1, 2, got 3"),
         (["data.name=moving_shapes", "data.channels=2"], "data.channels must be one of 1, 3, got 2"),
         (["data.frames=0"], "data.frames must be >= 1, got 0"),
-        (["data.name=circle"], "data.name must be one of 'circles', 'digits', 'image_folder', 'shards', "
-                               "'moving_shapes', 'video_folder', 'tones', 'audio_folder', got 'circle'; "
+        (["data.name=circle"], "data.name must be one of 'circles', 'digits', 'photo_patches', 'image_folder', "
+                               "'shards', 'moving_shapes', 'video_folder', 'tones', 'audio_folder', got 'circle'; "
                                "did you mean 'circles'?"),
         (["model.backbone=dit"], "model.backbone must be one of 'image_unet', 'video_unet', 'audio_dit', "
-                                       "'diffusers_unet', got 'dit'"),
+                                       "'image_dit', 'diffusers_unet', got 'dit'"),
         (["schedule.kind=sigmoid"], "schedule.kind must be one of 'linear', 'scaled_linear', 'cosine', "
                                     "got 'sigmoid'"),
         (["schedule.num_timesteps=1"], "schedule.num_timesteps must be >= 2, got 1"),

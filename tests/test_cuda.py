@@ -33,7 +33,7 @@ def _case(name: str, backend: str):
         shape, cond = (4, 16, 16), torch.randn(4, 7, d)
     else:
         net = build_backbone(name, "tiny", in_channels=1, num_classes=3, attention_backend=backend)
-        shape = {"image_unet": (1, 16, 16), "video_unet": (1, 4, 16, 16), "audio_dit": (1, 256)}[name]
+        shape = BACKBONES[name].EXAMPLE_INPUT_SHAPE
         cond = torch.arange(4) % 3
     randomise_zero_init(net)  # no zero-initialised path: every attention layer must reach the output
     g = torch.Generator().manual_seed(1)
