@@ -67,6 +67,10 @@ class Backbone(TappedDenoiser):
 
     PRESETS: ClassVar[dict[str, Any]] = {}
     EXAMPLE_INPUT_SHAPE: ClassVar[tuple[int, ...]] = ()  # one sample the "tiny" preset takes
+    # preset -> (lr, warmup_steps): AdamW from scratch (batch 16, grad clip 1) measured to train
+    # without a loss spike on the shipped data (benchmarks/RESULTS.md, "Divergence"); a preset
+    # missing here has not been measured
+    RECOMMENDED_LR: ClassVar[dict[str, tuple[float, int]]] = {}
     config: Any
     time_embed: nn.Module
     label_embed: nn.Embedding | None
@@ -85,6 +89,19 @@ class Backbone(TappedDenoiser):
             raise NotImplementedError(f"{cls.__name__} sets no EXAMPLE_INPUT_SHAPE for its conformance example")
         build = functools.partial(cls.from_preset, "tiny", in_channels=cls.EXAMPLE_INPUT_SHAPE[0], num_classes=3)
         return ConformanceExample(build, cls.EXAMPLE_INPUT_SHAPE, _three_labels, checkpointing=True)
+
+    @classmethod
+    def lr_advice(cls, preset: str, lr: float, warmup_steps: int) -> str | None:
+        """A warning when training `preset` from scratch at `lr` exceeds 1.5x its measured
+        `RECOMMENDED_LR` (None when within it, or when the preset was not measured)."""
+        if preset not in cls.RECOMMENDED_LR:
+            return None
+        good, warm = cls.RECOMMENDED_LR[preset]
+        if lr <= 1.5 * good:
+            return None
+        return (f"mse.lr = {lr:g} is {lr / good:.1f}x the lr measured to train the {cls.__name__} {preset!r} preset "
+                f"from scratch without a loss spike ({good:g} with {warm} warm-up steps; benchmarks/RESULTS.md); "
+                f"consider --set mse.lr={good:g} --set mse.warmup_steps={max(warm, warmup_steps)}")
 
     def null_cond(self, cond: Any) -> Any:
         """The unconditional counterpart of `cond`: the null label (same shape) for class labels."""

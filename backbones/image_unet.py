@@ -84,6 +84,7 @@ class ImageUNet(Backbone):
 
     SHARD_UNITS: ClassVar[tuple[str, ...]] = ("ResBlock", "AttentionBlock")  # FSDP units
     EXAMPLE_INPUT_SHAPE: ClassVar[tuple[int, ...]] = (1, 16, 16)
+    RECOMMENDED_LR: ClassVar[dict[str, tuple[float, int]]] = {"tiny": (1e-3, 50), "default": (3e-4, 200)}
     PRESETS: ClassVar[dict[str, ImageUNetConfig]] = {
         "tiny": ImageUNetConfig(
             base_channels=24, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),

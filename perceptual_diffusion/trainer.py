@@ -644,6 +644,10 @@ class Trainer:
             self._check_perceptual(perceptual, source)
         elif cfg.init:  # stage mse continued from a checkpoint (the matched control of an SP run)
             self._load_start(model, "mse", resolve_checkpoint(cfg.init, self.run_dir), cfg.init_weights)
+        elif not recipe.model.pretrained and hasattr(model, "lr_advice"):  # from scratch
+            advice = model.lr_advice(recipe.model.preset, cfg.lr, cfg.warmup_steps)
+            if advice and self.is_main:
+                log.warning(advice)
         # the frozen network of the val_sp diagnostic: stage sp's f_*, or an mse stage's start weights
         reference = perceptual
         if stage == "mse" and cfg.init and self.validation() is not None:

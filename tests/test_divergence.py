@@ -224,3 +224,24 @@ def test_a_resumed_run_keeps_the_statistic(recipe_file, tmp_path, spiking):
     assert Trainer(recipe, run, progress=False).run(stop_after=22).stopped_at == 22
     with pytest.raises(DivergenceError, match=r"at mse step 27 .* began at global step 19"):
         Trainer(recipe, run, resume="latest", progress=False).run()
+
+
+# ---------------------------------------------------------------------------------- the presets' lr
+def test_presets_carry_the_lr_they_were_measured_to_train_at():
+    from backbones import ImageUNet, VideoUNet
+
+    assert ImageUNet.lr_advice("tiny", 1e-3, 50) is None  # the shipped recipes' setting
+    assert ImageUNet.lr_advice("small", 1.0, 0) is None  # not measured: no advice
+    advice = ImageUNet.lr_advice("default", 1e-3, 50)
+    assert advice.startswith("mse.lr = 0.001 is 3.3x the lr measured to train the ImageUNet 'default' preset")
+    assert advice.endswith("consider --set mse.lr=0.0003 --set mse.warmup_steps=200")
+    assert VideoUNet.lr_advice("tiny", 1.4e-3, 50) is None and VideoUNet.lr_advice("tiny", 2e-3, 50)
+
+
+def test_training_a_preset_from_scratch_above_its_lr_warns_once(recipe_file, tmp_path, caplog):
+    sets = ["model.preset='default'", "mse.steps=1", "train.checkpoint_every=0"]
+    with caplog.at_level(logging.WARNING, logger="perceptual_diffusion.trainer"):
+        Trainer(load_recipe(recipe_file, sets), tmp_path / "run", progress=False).run()
+        Trainer(load_recipe(recipe_file, [*sets, "mse.lr=3e-4"]), tmp_path / "ok", progress=False).run()
+    warnings = [r.getMessage() for r in caplog.records if "measured to train" in r.getMessage()]
+    assert len(warnings) == 1 and "ImageUNet 'default'" in warnings[0]
