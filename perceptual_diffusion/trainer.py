@@ -762,12 +762,7 @@ class Trainer:
         online_net = model if self.fsdp else acc.unwrap_model(model)  # a sharded forward is collective
 
         def diagnostics() -> dict:
-            if val is None:
-                return {}
-            out = {"val_vmse": val.vmse(online_net, acc.autocast)}
-            if reference is not None:
-                out["val_sp"] = val.sp(online_net, reference, autocast=acc.autocast)
-            return out
+            return {} if val is None else val.losses(online_net, reference, acc.autocast)
 
         path = None
         if step == cfg.steps:  # resumed at the stage's (shortened) end: finish it

@@ -91,6 +91,20 @@ class ValidationBatch:
             return objective(net, inputs["x0"], inputs["cond"], t=inputs["t"], noise=inputs["noise"],
                              t_prime=self.t_prime.to(inputs["t"].device)).mean().item()
 
+    @torch.no_grad()
+    def losses(self, net: nn.Module, perceptual: nn.Module | None = None,
+               autocast: Callable[[], Any] | None = None) -> dict[str, float]:
+        """{"val_vmse"} (eq. 5), and with a frozen `perceptual` also "val_sp" (eq. 12, mid taps),
+        the two from one forward of `net`: equal to `vmse` and `sp`."""
+        if perceptual is None:
+            return {"val_vmse": self.vmse(net, autocast)}
+        objective = SelfPerceptual(self.schedule, perceptual, mse_weight=1.0)  # adds eq. 5 from the same v_hat
+        inputs = self._inputs(net)
+        with _eval(net), (autocast() if autocast else nullcontext()):
+            terms = objective.terms(net, inputs["x0"], inputs["cond"], t=inputs["t"], noise=inputs["noise"],
+                                    t_prime=self.t_prime.to(inputs["t"].device))
+        return {"val_vmse": terms["mse"].mean().item(), "val_sp": terms["sp"].mean().item()}
+
 
 class _eval:
     """Put a module in eval mode for a block, then back in the mode it was in."""

@@ -86,6 +86,7 @@ def test_the_batch_is_fixed_stratified_and_leaves_the_global_rng_alone():
     frozen = make_perceptual(_net())
     sp = SelfPerceptual(schedule, frozen)(net, a.x0, t=a.t, t_prime=a.t_prime, noise=a.noise).mean().item()
     assert a.sp(net, frozen) == sp > 0
+    assert a.losses(net, frozen) == {"val_vmse": value, "val_sp": sp} and a.losses(net) == {"val_vmse": value}
     assert ValidationBatch.from_dataset(data, 10, schedule, seed=2).vmse(net) != value
 
 
