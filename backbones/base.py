@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -30,7 +30,7 @@ from perceptual_diffusion.denoiser import TappedDenoiser
 
 from .layers import ATTENTION_BACKENDS, timestep_embedding
 
-__all__ = ["Backbone", "ConformanceExample", "apply_overrides", "unet_feature_info", "validate_backbone_fields"]
+__all__ = ["Backbone", "ConformanceExample", "apply_overrides", "check_levels", "validate_backbone_fields"]
 
 _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -179,65 +179,6 @@ def apply_overrides(config: C, overrides: dict[str, Any], owner: str) -> C:
             f"fields: {', '.join(sorted(fields))}"
         )
     return dataclasses.replace(config, **overrides) if overrides else config
-
-
-def unet_feature_info(channels: list[int]) -> dict[str, dict[str, int]]:
-    """Channels and reduction (input size / tap size) of each tap of a UNet with len(channels) levels.
-
-    Level i has channels[i]; every level but the last ends in a 2x Downsample (so down.i has
-    reduction 2 ** min(i + 1, levels - 1)), and the decoder mirrors it (up.0 = lowest resolution,
-    after its Upsample).
-    """
-    levels = len(channels)
-    return {
-        **{
-            f"down.{i}": {"channels": channels[i], "reduction": 2 ** min(i + 1, levels - 1)}
-            for i in range(levels)
-        },
-        "mid": {"channels": channels[-1], "reduction": 2 ** (levels - 1)},
-        **{
-            f"up.{j}": {"channels": channels[levels - 1 - j], "reduction": 2 ** max(levels - 2 - j, 0)}
-            for j in range(levels)
-        },
-    }
-
-
-def validate_unet_config(cfg: Any, extra_attending: Iterable[int] = ()) -> None:
-    """The checks ImageUNetConfig and VideoUNetConfig share, ValueError naming the config class:
-    positive sizes, channel_mult, attention_levels, dropout, heads, the condition, the attention
-    backend, and that every level divides by `groups` and every attending level (attention_levels,
-    `extra_attending`, and the last level, where the midblock attends) by the head split."""
-    owner = type(cfg).__name__
-
-    def positive(name: str, value: Any, allow_none: bool = False) -> None:
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
-
-    for name in ("in_channels", "base_channels", "num_res_blocks", "groups"):
-        positive(name, getattr(cfg, name))
-    for name in ("out_channels", "head_dim", "num_heads", "num_classes", "context_dim"):
-        positive(name, getattr(cfg, name), allow_none=True)
-    if not cfg.channel_mult:
-        raise ValueError(f"{owner}.channel_mult must name at least one level")
-    for m in cfg.channel_mult:
-        positive("channel_mult entries", m)
-    levels = len(cfg.channel_mult)
-    check_levels(owner, "attention_levels", cfg.attention_levels, levels)
-    if (cfg.head_dim is None) == (cfg.num_heads is None):
-        raise ValueError(f"{owner}: give exactly one of head_dim and num_heads")
-    validate_backbone_fields(cfg)
-    attending = set(cfg.attention_levels) | set(extra_attending) | {levels - 1}
-    for i, m in enumerate(cfg.channel_mult):
-        ch = cfg.base_channels * m
-        if ch % cfg.groups:
-            raise ValueError(f"{owner}: level {i} has {ch} channels, not divisible by groups={cfg.groups}")
-        if i in attending:
-            split, what = (cfg.head_dim, "head_dim") if cfg.head_dim else (cfg.num_heads, "num_heads")
-            if ch % split:
-                raise ValueError(f"{owner}: level {i} has {ch} channels (with attention), "
-                                 f"not divisible by {what}={split}")
 
 
 def validate_backbone_fields(cfg: Any) -> None:

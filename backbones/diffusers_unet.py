@@ -1,4 +1,4 @@
-"""`DiffusersUNet`: a diffusers `UNet2DConditionModel` (Stable Diffusion's UNet) as a `TappedDenoiser`.
+"""`DiffusersUNet`: a diffusers `UNet2DConditionModel` (Stable Diffusion's UNet) as a `HookedDenoiser`.
 
     net = DiffusersUNet.from_pretrained("path/to/sd21-base")           # or a hub id, subfolder="unet"
     net = DiffusersUNet.from_preset("tiny")                            # fresh weights, for tests
@@ -10,9 +10,11 @@
 The UNet's output is taken as v. The released SD2.1-base predicts epsilon: the paper first
 fine-tunes it with the v objective (eq. 5) and zero terminal SNR, which is stage 1 here.
 Taps: ``down.i`` (output hidden state of ``down_blocks[i]``), ``mid`` (``mid_block`` output),
-``up.i`` (output of ``up_blocks[i]``). `_run` re-implements the forward of
-`UNet2DConditionModel` for the Stable Diffusion family (SD 1.x / 2.x) so that early exit skips
-the rest of the network; configurations outside it are refused at construction.
+``up.i`` (output of ``up_blocks[i]``), read by `HookedDenoiser`'s forward hooks on those blocks
+while diffusers' own forward runs; early exit raises from the hook of the last requested tap, so
+nothing after it runs (v and the taps equal diffusers' to the bit: tests/test_diffusers_unet.py).
+The Stable Diffusion family (SD 1.x / 2.x) is accepted: a UNet whose forward needs more than the
+text context, or whose blocks are of other types, is refused at construction.
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ import dataclasses
 import inspect
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from perceptual_diffusion.denoiser import TappedDenoiser
+from perceptual_diffusion.denoiser import HookedDenoiser, LayerSpec
 
 from .base import ConformanceExample
-from .layers import ATTENTION_BACKENDS, check_attention_backend
+from .layers import check_attention_backend
 
 try:
     from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -42,7 +44,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the `sd` e
 
 __all__ = ["SUPPORTED_BLOCKS", "DiffusersUNet", "ddim_scheduler_config", "export_diffusers"]
 
-# Block classes whose call signatures `_run` reproduces (those of SD 1.x and 2.x).
+# Block classes of SD 1.x and 2.x, whose outputs the taps and `feature_info` are checked against.
 SUPPORTED_BLOCKS = {
     "down": ("CrossAttnDownBlock2D", "DownBlock2D"),
     "mid": ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"),
@@ -58,7 +60,7 @@ def _unet_fields() -> frozenset[str]:
     return frozenset(n for n in params if n != "self")
 
 
-class DiffusersUNet(TappedDenoiser):
+class DiffusersUNet(HookedDenoiser):
     """A diffusers `UNet2DConditionModel` predicting v: z_t [N x C x H x W], t (N,), cond -> v like z_t.
 
     Args:
@@ -131,7 +133,6 @@ class DiffusersUNet(TappedDenoiser):
         gradient_checkpointing: bool = False,
         attention_backend: str = "sdpa",
     ):
-        super().__init__()
         if not isinstance(unet, UNet2DConditionModel):
             raise TypeError(f"DiffusersUNet wraps a diffusers UNet2DConditionModel, got {type(unet).__name__}")
         _check_supported(unet)
@@ -146,14 +147,19 @@ class DiffusersUNet(TappedDenoiser):
                 f"num_classes={num_classes!r}: DiffusersUNet is conditioned on text contexts, not class "
                 "labels; use num_classes=None"
             )
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention_backend {attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+        # diffusers' xformers switch test-runs a CUDA kernel: without CUDA, refuse in the library's words
+        check_attention_backend(attention_backend, "cuda" if torch.cuda.is_available() else "cpu")
         if attention_backend == "xformers":
-            # diffusers' switch test-runs a CUDA kernel: without CUDA, refuse in the library's words
-            check_attention_backend("xformers", "cuda" if torch.cuda.is_available() else "cpu")
             unet.enable_xformers_memory_efficient_attention()
-        self.attention_backend = attention_backend  # read by check_attention_backends
+        taps = {f"down.{i}": f"down_blocks.{i}" for i in range(len(unet.down_blocks))}
+        taps["mid"] = "mid_block"
+        taps.update({f"up.{j}": f"up_blocks.{j}" for j in range(len(unet.up_blocks))})
+        super().__init__(unet, taps, _predict_v)
+        # HookedDenoiser registers the UNet as `module`, but checkpoints name its weights unet.*:
+        # it is registered as `unet`, and the property `module` reads it from there
+        del self.module
         self.unet = unet
+        self.attention_backend = attention_backend  # read by check_attention_backends
         self._checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -162,10 +168,6 @@ class DiffusersUNet(TappedDenoiser):
         # Empty until set_null_context; persistent, so checkpoints carry the empty-prompt encoding.
         self.register_buffer("null_context", torch.empty(0, dtype=unet.dtype), persistent=True)
 
-        n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
-        self.feature_layers = tuple(
-            [f"down.{i}" for i in range(n_down)] + ["mid"] + [f"up.{j}" for j in range(n_up)]
-        )
         chans, red = list(cfg.block_out_channels), 1
         info: dict[str, dict[str, int]] = {}
         for i, block in enumerate(unet.down_blocks):
@@ -184,6 +186,11 @@ class DiffusersUNet(TappedDenoiser):
         if getattr(self, "_checkpointing", False):
             (self.unet.enable_gradient_checkpointing if mode else self.unet.disable_gradient_checkpointing)()
         return self
+
+    @property
+    def module(self) -> UNet2DConditionModel:
+        """The wrapped UNet, under the name `HookedDenoiser` reads it by."""
+        return self.unet
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -312,64 +319,30 @@ class DiffusersUNet(TappedDenoiser):
         return cond
 
     # ------------------------------------------------------------------ forward
-    def _run(self, x_t: Tensor, t: Tensor, cond: Any, tap: Callable[[str, Tensor], Tensor]) -> Tensor:
-        """UNet2DConditionModel.forward for the SD family, with a tap after each block."""
-        unet = self.unet
-        n = x_t.shape[0]
-        dtype = unet.conv_in.weight.dtype
-        context = self._context(cond, n).to(dtype)
-        sample = x_t.to(dtype)
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(n) if t.ndim == 0 else t
-        # sizes not divisible by the total upsampling factor: upsample to the skip's size
-        factor = 2**unet.num_upsamplers
-        match_skip_size = any(s % factor for s in sample.shape[-2:])
+    def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return super().forward(x_t, t, self._context(cond, x_t.shape[0]))
 
-        if unet.config.center_input_sample:
-            sample = 2 * sample - 1.0
-        emb = unet.time_embedding(unet.time_proj(t).to(dtype))  # time_proj always returns float32
-        if unet.time_embed_act is not None:
-            emb = unet.time_embed_act(emb)
-
-        h = unet.conv_in(sample)
-        skips: tuple[Tensor, ...] = (h,)
-        for i, block in enumerate(unet.down_blocks):
-            if getattr(block, "has_cross_attention", False):
-                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
-            else:
-                h, res = block(hidden_states=h, temb=emb)
-            skips += res
-            h = tap(f"down.{i}", h)
-
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            h = unet.mid_block(h, emb, encoder_hidden_states=context)
-        else:
-            h = unet.mid_block(h, emb)
-        h = tap("mid", h)
-
-        last = len(unet.up_blocks) - 1
-        for i, block in enumerate(unet.up_blocks):
-            k = len(block.resnets)
-            res, skips = skips[-k:], skips[:-k]
-            size = skips[-1].shape[2:] if match_skip_size and i < last else None
-            if getattr(block, "has_cross_attention", False):
-                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res,
-                          encoder_hidden_states=context, upsample_size=size)
-            else:
-                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
-            h = tap(f"up.{i}", h)
-
-        if unet.conv_norm_out is not None:
-            h = unet.conv_act(unet.conv_norm_out(h))
-        return unet.conv_out(h).to(x_t.dtype)
+    def forward_features(
+        self, x_t: Tensor, t: Tensor, cond: Any = None, *, layers: LayerSpec, stop_early: bool = True
+    ) -> dict[str, Tensor]:
+        return super().forward_features(x_t, t, self._context(cond, x_t.shape[0]), layers=layers,
+                                        stop_early=stop_early)
 
     def save_pretrained(self, out_dir: str | Path, schedule: Any, **kw: Any) -> Path:
         """`export_diffusers(self, out_dir, schedule, **kw)`."""
         return export_diffusers(self, out_dir, schedule, **kw)
 
 
+def _predict_v(unet: UNet2DConditionModel, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    """The UNet's output, taken as v: computed in its parameter dtype, returned in x_t's."""
+    dtype = unet.conv_in.weight.dtype
+    t = torch.as_tensor(t, device=x_t.device)
+    return unet(x_t.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.to(x_t.dtype)
+
+
 def _check_supported(unet: UNet2DConditionModel) -> None:
-    """Refuse, at construction, what `_run` does not reproduce."""
+    """Refuse, at construction, a UNet outside the SD 1.x / 2.x family: one that needs inputs other
+    than the text context, has no midblock, or has other block types."""
     cfg = unet.config
     problems = []
     if unet.class_embedding is not None:
@@ -389,7 +362,8 @@ def _check_supported(unet: UNet2DConditionModel) -> None:
                 problems.append(f"{kind} block {type(b).__name__} (supported: {', '.join(SUPPORTED_BLOCKS[kind])})")
     if problems:
         raise NotImplementedError(
-            "DiffusersUNet re-implements the Stable Diffusion 1.x/2.x UNet forward; this UNet uses "
+            "DiffusersUNet takes the Stable Diffusion 1.x/2.x UNets (conditioned on a text context only); "
+            "this UNet uses "
             + "; ".join(problems)
         )
 

@@ -21,6 +21,7 @@ __all__ = [
     "Downsample",
     "Upsample",
     "attention",
+    "attention_heads",
     "QKNorm",
     "MultiHeadAttention",
     "AttentionBlock",
@@ -180,6 +181,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
 
+def attention_heads(owner: str, ch: int, num_heads: int | None, head_dim: int | None, backend: str) -> int:
+    """The number of heads that split `ch` channels, from exactly one of `num_heads` / `head_dim`;
+    ValueError naming `owner` when they do not divide ch, or for an unknown attention backend."""
+    if (num_heads is None) == (head_dim is None):
+        raise ValueError(f"{owner}: give exactly one of num_heads and head_dim")
+    if head_dim is not None:
+        if head_dim <= 0 or ch % head_dim:
+            raise ValueError(f"{owner}: {ch} channels not divisible by head_dim={head_dim}")
+        num_heads = ch // head_dim
+    if num_heads <= 0 or ch % num_heads:
+        raise ValueError(f"{owner}: {ch} channels not divisible by num_heads={num_heads}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    return num_heads
+
+
 class QKNorm(nn.Module):
     """RMSNorm of queries and keys per head, with learned scales: (B, heads, L, head_dim) each.
 
@@ -243,16 +260,7 @@ class AttentionBlock(nn.Module):
         qk_norm: bool = False,
     ):
         super().__init__()
-        if (num_heads is None) == (head_dim is None):
-            raise ValueError("AttentionBlock: give exactly one of num_heads and head_dim")
-        if head_dim is not None:
-            if head_dim <= 0 or ch % head_dim:
-                raise ValueError(f"AttentionBlock: {ch} channels not divisible by head_dim={head_dim}")
-            num_heads = ch // head_dim
-        if num_heads <= 0 or ch % num_heads:
-            raise ValueError(f"AttentionBlock: {ch} channels not divisible by num_heads={num_heads}")
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+        num_heads = attention_heads("AttentionBlock", ch, num_heads, head_dim, backend)
         self.context_dim = context_dim
         self.norm = nn.GroupNorm(groups, ch)
         self.self_attn = MultiHeadAttention(ch, num_heads, None, backend, qk_norm)

@@ -9,7 +9,10 @@ residual convolution across frames at each pixel, then optionally spatial attent
 frame and temporal attention across frames at each pixel. The temporal paths end in
 zero-initialised projections, so a fresh net is a per-frame image UNet, the identity in time
 (as in Make-A-Video / Video LDM, which inflate image models this way). Resampling is spatial
-only: any number of frames F >= 1 works; H and W must be divisible by 2 ** (levels - 1).
+only: any number of frames F >= 1 works; H and W must be divisible by 2 ** (levels - 1). The
+encoder / midblock / decoder, conditioning, taps and checkpointing are `backbones.unet.UNet`,
+shared with `ImageUNet`: a step of a level here is one such space-time block, and the midblock
+is two (the first with both attentions, the second with neither).
 
 Taps, in execution order: ``down.i`` (encoder level i, after its Downsample), ``mid``,
 ``up.i`` (decoder level i, up.0 = lowest resolution, after its Upsample), each
@@ -24,59 +27,31 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import Backbone, apply_overrides, check_levels, unet_feature_info, validate_unet_config
-from .layers import (
-    ATTENTION_BACKENDS,
-    AttentionBlock,
-    Downsample,
-    QKNorm,
-    ResBlock,
-    Upsample,
-    attention,
-    conv_nd,
-    timestep_embedding,
-    zero_,
-)
+from .base import apply_overrides, check_levels
+from .layers import QKNorm, ResBlock, attention, attention_heads, conv_nd, timestep_embedding, zero_
+from .unet import UNet, UNetConfig, UNetLevel, UNetPass, fold, unfold, validate_unet_config
 
 __all__ = ["TemporalAttention", "TemporalConv", "VideoUNet", "VideoUNetConfig"]
 
 
 @dataclass(frozen=True)
-class VideoUNetConfig:
-    """Architecture of a `VideoUNet`; the defaults are the "default" preset (16 frames x 32x32).
+class VideoUNetConfig(UNetConfig):
+    """Architecture of a `VideoUNet`: the `UNetConfig` fields and `temporal_attention_levels`; the
+    defaults are the "default" preset (16 frames x 32x32).
 
-    Conditioning: `num_classes` (labels, plus a null label `num_classes` for CFG dropout) or
-    `context_dim` (cross-attention of the spatial attention to a context (N, L, context_dim)),
-    not both. Attention heads: exactly one of `head_dim` / `num_heads`. Level i has
-    base_channels * channel_mult[i] channels. `attention_levels` get spatial attention,
+    `attention_levels` get spatial attention (cross-attending to the context, if any),
     `temporal_attention_levels` temporal attention (True: every level, False: none); the
     midblock always has both.
     """
 
-    in_channels: int = 3
-    out_channels: int | None = None  # None: in_channels
-    base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (1, 2)
     temporal_attention_levels: tuple[int, ...] | bool = (1, 2)
-    head_dim: int | None = 32
-    num_heads: int | None = None
-    dropout: float = 0.0
-    num_classes: int | None = None
-    context_dim: int | None = None
-    groups: int = 32
-    attention_backend: str = "sdpa"
-    gradient_checkpointing: bool = False
-    qk_norm: bool = True             # QKNorm in every attention (the tiny preset: off)
 
     def __post_init__(self) -> None:
-        # recipes arrive as TOML/JSON, where tuples are lists
-        for name in ("channel_mult", "attention_levels"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
         if not isinstance(self.temporal_attention_levels, bool):
             object.__setattr__(self, "temporal_attention_levels", tuple(self.temporal_attention_levels))
-        self._validate()
+        super().__post_init__()
 
     @property
     def temporal_levels(self) -> tuple[int, ...]:
@@ -90,15 +65,6 @@ class VideoUNetConfig:
             check_levels("VideoUNetConfig", "temporal_attention_levels", self.temporal_attention_levels,
                          len(self.channel_mult), " or a bool")
         validate_unet_config(self, extra_attending=self.temporal_levels)
-
-def _unfold(h: Tensor, frames: int) -> Tensor:
-    """[N*F x C x H x W] -> [N x C x F x H x W] (a view)."""
-    return h.unflatten(0, (-1, frames)).transpose(1, 2)
-
-
-def _fold(x: Tensor) -> Tensor:
-    """[N x C x F x H x W] -> [N*F x C x H x W] (a view when `x` came from `_unfold`)."""
-    return x.transpose(1, 2).flatten(0, 1)
 
 
 class TemporalConv(nn.Module):
@@ -136,28 +102,10 @@ class TemporalAttention(nn.Module):
     zero-initialised, so the block is the identity at init.
     """
 
-    def __init__(
-        self,
-        ch: int,
-        num_heads: int | None = None,
-        *,
-        head_dim: int | None = None,
-        backend: str = "sdpa",
-        groups: int = 32,
-        qk_norm: bool = False,
-    ):
+    def __init__(self, ch: int, num_heads: int | None = None, *, head_dim: int | None = None, backend: str = "sdpa",
+                 groups: int = 32, qk_norm: bool = False):
         super().__init__()
-        if (num_heads is None) == (head_dim is None):
-            raise ValueError("TemporalAttention: give exactly one of num_heads and head_dim")
-        if head_dim is not None:
-            if head_dim <= 0 or ch % head_dim:
-                raise ValueError(f"TemporalAttention: {ch} channels not divisible by head_dim={head_dim}")
-            num_heads = ch // head_dim
-        if num_heads <= 0 or ch % num_heads:
-            raise ValueError(f"TemporalAttention: {ch} channels not divisible by num_heads={num_heads}")
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-        self.heads = num_heads
+        self.heads = num_heads = attention_heads("TemporalAttention", ch, num_heads, head_dim, backend)
         self.attention_backend = backend
         self.norm = nn.GroupNorm(groups, ch)
         self.frame_pos = nn.Linear(ch, ch)
@@ -197,24 +145,15 @@ class _SpaceTimeBlock(nn.Module):
 
     def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, frames: int) -> Tensor:
         h = self.res(h, emb)
-        h = _fold(self.tconv(_unfold(h, frames)))
+        h = fold(self.tconv(unfold(h, (frames,))), 1)
         if self.attn is not None:
             h = self.attn(h, context)
         if self.tattn is not None:
-            h = _fold(self.tattn(_unfold(h, frames)))
+            h = fold(self.tattn(unfold(h, (frames,))), 1)
         return h
 
 
-class _Level(nn.Module):
-    """One resolution of the encoder or decoder: space-time blocks [+ spatial resampler]."""
-
-    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.resample = resample
-
-
-class VideoUNet(Backbone):
+class VideoUNet(UNet):
     """(2+1)D UNet predicting v: x_t [N x C x F x H x W], t (N,), cond -> v like x_t.
 
     Build with ``VideoUNet(config)``, ``VideoUNet(**config_fields)``, ``VideoUNet(config, **overrides)``
@@ -226,6 +165,7 @@ class VideoUNet(Backbone):
     attention at 16x16 and 8x8).
     """
 
+    POSITIONAL_DIMS: ClassVar[int] = 3  # F x H x W; the frames are folded into the batch
     SHARD_UNITS: ClassVar[tuple[str, ...]] = ("_SpaceTimeBlock",)  # FSDP units
     EXAMPLE_INPUT_SHAPE: ClassVar[tuple[int, ...]] = (1, 4, 16, 16)
     RECOMMENDED_LR: ClassVar[dict[str, tuple[float, int]]] = {"tiny": (1e-3, 50)}
@@ -238,66 +178,34 @@ class VideoUNet(Backbone):
     }
 
     def __init__(self, config: VideoUNetConfig | None = None, **overrides: Any):
-        super().__init__()
-        config = apply_overrides(config or VideoUNetConfig(), overrides, "VideoUNet")
-        self.config = c = config
-        levels = len(c.channel_mult)
-        emb_dim = 4 * c.base_channels
-        heads = {"head_dim": c.head_dim} if c.head_dim else {"num_heads": c.num_heads}
+        super().__init__(apply_overrides(config or VideoUNetConfig(), overrides, "VideoUNet"))
 
-        def block(cin: int, cout: int, spatial_attn: bool, temporal_attn: bool) -> _SpaceTimeBlock:
-            return _SpaceTimeBlock(
-                ResBlock(cin, cout, emb_dim, dims=2, dropout=c.dropout, groups=c.groups),
-                TemporalConv(cout, dropout=c.dropout, groups=c.groups),
-                AttentionBlock(
-                    cout, **heads, context_dim=c.context_dim, backend=c.attention_backend, groups=c.groups,
-                    qk_norm=c.qk_norm,
-                ) if spatial_attn else None,
-                TemporalAttention(cout, **heads, backend=c.attention_backend, groups=c.groups, qk_norm=c.qk_norm)
-                if temporal_attn else None,
-            )
-
-        self.time_embed = nn.Sequential(
-            nn.Linear(c.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+    def _space_time_block(self, cin: int, cout: int, spatial_attn: bool, temporal_attn: bool) -> _SpaceTimeBlock:
+        c = self.config
+        return _SpaceTimeBlock(
+            self._res_block(cin, cout),
+            TemporalConv(cout, dropout=c.dropout, groups=c.groups),
+            self._attention_block(cout) if spatial_attn else None,
+            TemporalAttention(cout, **self._heads(), backend=c.attention_backend, groups=c.groups, qk_norm=c.qk_norm)
+            if temporal_attn else None,
         )
-        self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
-        self.conv_in = conv_nd(2, c.in_channels, c.base_channels, 3, padding=1)
 
-        ch = c.base_channels
-        skip_chs = [ch]
-        self.down = nn.ModuleList()
-        for i, mult in enumerate(c.channel_mult):
-            attn = (i in c.attention_levels, i in c.temporal_levels)
-            blocks = []
-            for _ in range(c.num_res_blocks):
-                blocks.append(block(ch, c.base_channels * mult, *attn))
-                ch = c.base_channels * mult
-                skip_chs.append(ch)
-            down = Downsample(ch, dims=2) if i < levels - 1 else None
-            if down is not None:
-                skip_chs.append(ch)
-            self.down.append(_Level(blocks, down))
+    def _level_blocks(self, level: int, steps: list[tuple[int, int]]) -> dict[str, nn.Module]:
+        attn = (level in self.config.attention_levels, level in self.config.temporal_levels)
+        return {"blocks": nn.ModuleList([self._space_time_block(cin, cout, *attn) for cin, cout in steps])}
 
-        self.mid = nn.ModuleList([block(ch, ch, True, True), block(ch, ch, False, False)])
+    def _mid_block(self, ch: int) -> nn.Module:
+        return nn.ModuleList([self._space_time_block(ch, ch, True, True), self._space_time_block(ch, ch, False, False)])
 
-        self.up = nn.ModuleList()
-        for i in reversed(range(levels)):
-            attn = (i in c.attention_levels, i in c.temporal_levels)
-            blocks = []
-            for _ in range(c.num_res_blocks + 1):
-                cout = c.base_channels * c.channel_mult[i]
-                blocks.append(block(ch + skip_chs.pop(), cout, *attn))
-                ch = cout
-            self.up.append(_Level(blocks, Upsample(ch, dims=2) if i > 0 else None))
+    def _step(self, level: UNetLevel, j: int, h: Tensor, p: UNetPass) -> Tensor:
+        (frames,) = p.folded
+        return self._block(level.blocks[j], h, p.emb, p.context, frames)
 
-        self.norm_out = nn.GroupNorm(c.groups, ch)
-        self.conv_out = conv_nd(2, ch, c.out_channels or c.in_channels, 3, padding=1)
-
-        self.feature_layers = tuple(
-            [f"down.{i}" for i in range(levels)] + ["mid"] + [f"up.{j}" for j in range(levels)]
-        )
-        # reduction is of H and W; taps keep every frame
-        self.feature_info = unet_feature_info([c.base_channels * m for m in c.channel_mult])
+    def _mid(self, h: Tensor, p: UNetPass) -> Tensor:
+        (frames,) = p.folded
+        for block in self.mid:
+            h = self._block(block, h, p.emb, p.context, frames)
+        return h
 
     def _check_input(self, x_t: Tensor) -> None:
         c = self.config
@@ -316,39 +224,4 @@ class VideoUNet(Backbone):
 
     def _run(self, x_t: Tensor, t: Tensor, cond: Any, tap: Callable[[str, Tensor], Tensor]) -> Tensor:
         self._check_input(x_t)
-        frames = x_t.shape[2]
-        dtype = self.conv_in.weight.dtype
-        emb, context = self._embed_conditioning(x_t, t, cond, self.config.base_channels, dtype)
-        # spatial layers see every frame as an image: fold F into the batch, clip-major
-        emb = emb.repeat_interleave(frames, dim=0)
-        if context is not None:
-            context = context.repeat_interleave(frames, dim=0)
-
-        def tapped(name: str, h: Tensor) -> Tensor:
-            return _fold(tap(name, _unfold(h, frames)))
-
-        h = self.conv_in(_fold(x_t.to(dtype)))
-        skips = [h]
-        for i, level in enumerate(self.down):
-            for block in level.blocks:
-                h = self._block(block, h, emb, context, frames)
-                skips.append(h)
-            if level.resample is not None:
-                h = self._block(level.resample, h)
-                skips.append(h)
-            h = tapped(f"down.{i}", h)
-
-        for block in self.mid:
-            h = self._block(block, h, emb, context, frames)
-        h = tapped("mid", h)
-
-        for i, level in enumerate(self.up):
-            for block in level.blocks:
-                h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb, context, frames)
-            if level.resample is not None:
-                h = self._block(level.resample, h)
-            h = tapped(f"up.{i}", h)
-
-        v = self.conv_out(nn.functional.silu(self.norm_out(h)))
-        return _unfold(v, frames).to(x_t.dtype).contiguous()
-
+        return super()._run(x_t, t, cond, tap)

@@ -25,7 +25,7 @@ from backbones.layers import MultiHeadAttention  # noqa: E402
 from perceptual_diffusion.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from perceptual_diffusion.config import load_recipe  # noqa: E402
 from perceptual_diffusion.datasets import build_dataset  # noqa: E402
-from perceptual_diffusion.trainer import build_model, build_schedule  # noqa: E402
+from perceptual_diffusion.builders import build_model, build_schedule  # noqa: E402
 
 BANDS = ((0, 100), (100, 500), (500, 900), (900, 990), (990, 1000))
 

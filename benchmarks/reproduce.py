@@ -99,7 +99,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from sp_step import cpu_name  # noqa: E402  (one CPU naming for both benchmark scripts)
 
-from perceptual_diffusion.checkpoint import list_checkpoints
+from perceptual_diffusion.checkpoint import final_checkpoint, list_checkpoints, read_meta
 from perceptual_diffusion.config import Recipe, StageConfig, load_recipe
 from perceptual_diffusion.datasets import build_dataset, build_reference_dataset
 from perceptual_diffusion.evaluation import evaluate, generate, load_model
@@ -107,7 +107,8 @@ from perceptual_diffusion.metrics import real_vs_real_floor
 from perceptual_diffusion.images import save_grid
 from perceptual_diffusion.media import save_samples
 from perceptual_diffusion.sampling import ddim_sample
-from perceptual_diffusion.trainer import Trainer, build_schedule, final_checkpoint
+from perceptual_diffusion.builders import build_schedule
+from perceptual_diffusion.trainer import Trainer
 
 log = logging.getLogger("reproduce")
 
@@ -379,7 +380,7 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
     info = json.loads(sidecar.read_text()) if sidecar.exists() else {"wall_s": 0.0}
     final = final_checkpoint(run_dir, stage)
     if final is not None:
-        done = json.loads((final / "meta.json").read_text())["extra"]["stage_step"]
+        done = read_meta(final).stage_step
         if done != steps:
             raise SystemExit(f"{run_dir} holds a finished {done}-step run, this configuration wants "
                              f"{steps} steps; use another --work-dir")
@@ -447,7 +448,7 @@ def read_rows(path: Path) -> dict[str, dict]:
 
 
 def _checkpoint_time(path: Path) -> str:
-    return json.loads((path / "meta.json").read_text())["time"]
+    return read_meta(path).time
 
 
 def evaluate_row(cfg: Config, u: Unit, seed: int, checkpoint: Path, rows: dict[str, dict], phase: str) -> dict:

@@ -40,10 +40,14 @@ from .fileio import sha256_file
 __all__ = [
     "CheckpointError",
     "Checkpoint",
+    "CheckpointMeta",
+    "read_meta",
     "save_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
+    "checkpoint_before",
+    "final_checkpoint",
     "resolve_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
@@ -71,9 +75,50 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt or unsafe to load."""
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint's meta.json says, read without touching its tensors (`read_meta`).
+
+    `extra` is the writer's own info (`save_checkpoint`'s `meta` less "stage"); the trainer's
+    fields have properties: `stage_step`, `final` (the checkpoint that ended its stage),
+    `recipe` (the resolved recipe as a dict) and `best_loss` (the stage's best running median
+    loss, None when none was recorded).
+    """
+
+    path: Path
+    step: int
+    stage: str | None
+    time: str
+    version: str
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, path: str | os.PathLike, meta: Mapping[str, Any]) -> CheckpointMeta:
+        extra = meta.get("extra", {})
+        return cls(path=Path(path), step=int(meta["step"]), stage=meta.get("stage"), time=str(meta.get("time", "")),
+                   version=str(meta.get("version", "")), extra=dict(extra) if isinstance(extra, dict) else {})
+
+    @property
+    def stage_step(self) -> int | None:
+        return self.extra.get("stage_step")
+
+    @property
+    def final(self) -> bool:
+        return bool(self.extra.get("final", False))
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return self.extra.get("recipe", {})
+
+    @property
+    def best_loss(self) -> float | None:
+        return self.extra.get("best_loss")
+
+
 @dataclasses.dataclass
 class Checkpoint:
-    """A loaded checkpoint: `weights[name]` are state dicts on CPU, `state` the training state."""
+    """A loaded checkpoint: `weights[name]` are state dicts on CPU, `state` the training state,
+    `meta` the raw meta.json and `info` the same as a `CheckpointMeta`."""
 
     path: Path
     meta: dict[str, Any]
@@ -87,6 +132,10 @@ class Checkpoint:
     @property
     def stage(self) -> str | None:
         return self.meta.get("stage")
+
+    @property
+    def info(self) -> CheckpointMeta:
+        return CheckpointMeta.from_dict(self.path, self.meta)
 
 
 # ----------------------------------------------------------------------------------- saving
@@ -280,6 +329,18 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    """The metadata of checkpoint directory `path` (no tensors are read); `CheckpointError` when
+    it has no readable meta.json."""
+    path = Path(path)
+    try:
+        return CheckpointMeta.from_dict(path, _read_meta(path))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"incomplete checkpoint (no {META}): {path}") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"corrupt {path / META}: {_one_line(exc)}") from exc
+
+
 def _is_complete(path: Path) -> bool:
     try:
         _read_meta(path)
@@ -305,6 +366,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def checkpoint_before(run_dir: str | os.PathLike, step: int) -> Path | None:
+    """The newest complete checkpoint of a run saved before global step `step`, or None."""
+    return next((p for p in reversed(list_checkpoints(run_dir)) if read_meta(p).step < step), None)
+
+
+def final_checkpoint(run_dir: str | os.PathLike, stage: str) -> Path | None:
+    """The newest complete checkpoint of a run that ended training stage `stage`, or None."""
+    return next((p for p in reversed(list_checkpoints(run_dir))
+                 if (info := read_meta(p)).stage == stage and info.final), None)
 
 
 def resolve_checkpoint(arg: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:

@@ -138,7 +138,7 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluation import METRICS
+    from .evaluation import METRIC_SPECS, metrics_for
 
     parser = argparse.ArgumentParser(prog="perceptual-diffusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,9 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="sample from a checkpoint and measure; writes JSON, prints one row")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("--metric", action="append", required=True,
-                   help=f"one of {' | '.join(METRICS)} (the README describes each; inception needs the FID "
-                        "Inception weights); repeatable")
+    # evaluate() checks the names against the registry: a wrong one is one line and exit status 2
+    # (argparse's choices= would print the usage as well)
+    kinds = dict.fromkeys(spec.modality for spec in METRIC_SPECS.values())
+    by_modality = "; ".join(f"{kind}: {', '.join(metrics_for(kind))}" for kind in kinds)
+    p.add_argument("--metric", action="append", required=True, metavar="NAME",
+                   help=f"what to measure, by the modality of the checkpoint's samples ({by_modality}); the "
+                        "README describes each; inception needs the FID Inception weights; repeatable")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=1.0)

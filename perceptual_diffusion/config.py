@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .datasets.registry import DATASET_SPECS
+from .denoiser import LAYER_GROUPS
+from .objectives import DISTANCES, FORMULATIONS, T_PRIME_MODES
+from .schedule import SCHEDULE_KINDS
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
@@ -36,10 +41,11 @@ except ModuleNotFoundError:  # Python < 3.11
 
 @dataclass
 class DataConfig:
-    name: str = "circles"            # image: circles | digits | photo_patches | image_folder;
-                                     # video: moving_shapes | video_folder; audio: tones | audio_folder
+    name: str = "circles"            # a key of DATASET_SPECS (datasets/registry.py): image: circles | digits |
+                                     # photo_patches | image_folder | shards; video: moving_shapes |
+                                     # video_folder; audio: tones | audio_folder
     size: int = 32                   # images and video frames are size x size
-    channels: int = 1                # 1 (gray) or 3 (RGB); audio 1 (mono) or 2 (stereo)
+    channels: int = 1                # 1 (gray) or 3 (RGB); audio 1 (mono) or 2 (stereo); as the dataset allows
     frames: int = 8                  # video: frames per clip
     length: int = 2048               # audio: samples per clip
     sample_rate: int = 8000          # audio: Hz (audio_folder resamples to it)
@@ -63,6 +69,9 @@ class ModelConfig:
     pretrained: str = ""             # diffusers_unet: a diffusers model dir or hub id to load the UNet from
     latent: str = ""                 # a diffusers model dir or hub id whose vae / text_encoder / tokenizer
                                      # train the backbone in latent space on captions ("" = pixel space)
+    latent_cache: str = ""           # with model.latent: a .safetensors file holding every image's latent
+                                     # (the VAE posterior mean), made on first use, checked against the data
+                                     # and the VAE each run ("" = encode each batch, a fresh posterior sample)
 
 
 @dataclass
@@ -161,8 +170,9 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------- choices
-# The choices of the library's objects (objectives, layer groups, datasets, backbones) are
-# imported where they are defined, inside `validate_recipe`; these are the trainer's own.
+# The choices of the library's objects (objectives, layer groups, schedules) and the dataset and
+# backbone registries, whose entries carry their own rules, come from where they are defined;
+# these are the trainer's own.
 STAGES = ("mse", "sp")                         # the only order in which stages may run
 WEIGHT_SOURCES = ("online", "ema")
 SP_INIT_WEIGHTS = ("frozen", *WEIGHT_SOURCES)  # "frozen": whatever sp.perceptual_weights freezes
@@ -462,41 +472,53 @@ def _toml_value(v: Any, path: str) -> str:
 def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     """Check ranges, choices and (unless check_paths=False) that data.path, mse.init and sp.init exist;
     the first failure raises a one-line `RecipeError`."""
-    from backbones import BACKBONES
-    from .datasets import DATASETS, MODALITY
-    from .denoiser import LAYER_GROUPS
-    from .objectives import DISTANCES, FORMULATIONS, T_PRIME_MODES
-    from .schedule import SCHEDULE_KINDS
+    # backbones, a sibling package built on this library's denoiser, is imported on use
+    from backbones import BACKBONE_SPECS
 
     _at_least("seed", r.seed, 0)
 
     d = r.data
-    _choice("data.name", d.name, DATASETS)
+    _choice("data.name", d.name, tuple(DATASET_SPECS))
+    data = DATASET_SPECS[d.name]
     _at_least("data.size", d.size, 8)
-    _choice("data.channels", d.channels, (1, 2) if MODALITY[d.name] == "audio" else (1, 3))
-    _at_least("data.frames", d.frames, 2 if d.name == "moving_shapes" else 1)  # a track needs two frames
+    try:
+        data.check_channels(d.channels)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    _at_least("data.frames", d.frames, data.min_frames)
     _at_least("data.length", d.length, 16)
     _at_least("data.sample_rate", d.sample_rate, 1000)
     _at_least("data.min_size", d.min_size, 0)
     _at_least("data.min_aesthetic", d.min_aesthetic, 0)
-    if r.model.latent and (MODALITY[d.name] != "image" or d.channels != 3):
-        raise RecipeError(f"model.latent needs RGB images (data.channels = 3 from an image dataset), got "
-                          f"data.name = {d.name!r}, data.channels = {d.channels}")
-    if bool(r.model.latent) != (r.model.backbone == "diffusers_unet"):
-        raise RecipeError("model.backbone = 'diffusers_unet' trains in a VAE latent space on captions and needs "
-                          "model.latent (a diffusers model dir with vae/, text_encoder/, tokenizer/); other "
-                          f"backbones work in pixel space (got model.backbone = {r.model.backbone!r}, "
-                          f"model.latent = {r.model.latent!r})")
-    if r.model.pretrained and r.model.backbone != "diffusers_unet":
-        raise RecipeError(f"model.pretrained loads diffusers UNets only (model.backbone = 'diffusers_unet'), "
-                          f"got model.backbone = {r.model.backbone!r}")
     _at_least("data.num_items", d.num_items, 1)
     _at_least("data.num_workers", d.num_workers, 0)
     _at_least("data.seed", d.seed, 0)
 
-    _choice("model.backbone", r.model.backbone, tuple(BACKBONES))
-    if not r.model.preset:
+    m = r.model
+    _choice("model.backbone", m.backbone, tuple(BACKBONE_SPECS))
+    backbone = BACKBONE_SPECS[m.backbone]
+    if not backbone.installed:
+        raise RecipeError(f"model.backbone = {m.backbone!r} needs the {backbone.extra!r} extra "
+                          f"({', '.join(backbone.requires)}): pip install 'perceptual-diffusion[{backbone.extra}]'")
+    if not m.preset:
         raise RecipeError("model.preset must name a preset of the backbone, e.g. 'tiny'")
+    if m.latent and (data.modality != "image" or d.channels != 3):
+        raise RecipeError(f"model.latent needs RGB images (data.channels = 3 from an image dataset), got "
+                          f"data.name = {d.name!r}, data.channels = {d.channels}")
+    latent_names = " or ".join(repr(name) for name, spec in BACKBONE_SPECS.items() if spec.latent)
+    if bool(m.latent) != backbone.latent:
+        raise RecipeError(f"model.backbone = {latent_names} trains in a VAE latent space on captions and needs "
+                          "model.latent (a diffusers model dir with vae/, text_encoder/, tokenizer/); other "
+                          f"backbones work in pixel space (got model.backbone = {m.backbone!r}, "
+                          f"model.latent = {m.latent!r})")
+    if m.latent_cache and not m.latent:
+        raise RecipeError(f"model.latent_cache caches VAE latents and needs model.latent, got "
+                          f"model.latent_cache = {m.latent_cache!r} without it")
+    if m.latent_cache and not m.latent_cache.endswith(".safetensors"):
+        raise RecipeError(f"model.latent_cache must name a .safetensors file, got {m.latent_cache!r}")
+    if m.pretrained and not backbone.latent:
+        raise RecipeError(f"model.pretrained loads diffusers UNets only (model.backbone = {latent_names}), "
+                          f"got model.backbone = {m.backbone!r}")
 
     s = r.schedule
     _choice("schedule.kind", s.kind, SCHEDULE_KINDS)
@@ -556,15 +578,10 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     # paths last: a typo elsewhere is reported before a missing folder
     if not check_paths:
         return
-    if d.name == "shards" and not d.path:
-        raise RecipeError("data.path must name the shards (a {000..999} pattern, a glob or a folder) when "
-                          "data.name is 'shards'")
-    if d.name.endswith("_folder"):
-        what = {"image_folder": "images", "video_folder": "clips", "audio_folder": "audio files"}[d.name]
-        if not d.path:
-            raise RecipeError(f"data.path must name a folder of {what} when data.name is '{d.name}'")
-        if not Path(d.path).is_dir():
-            raise RecipeError(f"data.path '{d.path}' is not an existing directory (data.name = '{d.name}')")
+    if data.needs_path and not d.path:
+        raise RecipeError(f"data.path must name {data.path} when data.name is '{d.name}'")
+    if data.path_is_dir and not Path(d.path).is_dir():
+        raise RecipeError(f"data.path '{d.path}' is not an existing directory (data.name = '{d.name}')")
     if "sp" in stages:
         if stages == ["sp"] and not p.init:
             raise RecipeError(

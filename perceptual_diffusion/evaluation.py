@@ -19,10 +19,10 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Recipe, RecipeError, recipe_from_dict
 from .datasets import build_reference_dataset, modality, num_classes
 from .sampling import ddim_sample
-from .trainer import (build_latent, build_model, build_schedule, check_device_support, model_input_shape,
-                      run_info)
+from .builders import build_latent, build_model, build_schedule, check_device_support, model_input_shape
 
-__all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "METRICS", "METRIC_MODALITY"]
+__all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "MetricSpec", "METRIC_SPECS",
+           "METRICS", "METRIC_MODALITY", "metrics_for"]
 
 
 @dataclass
@@ -52,7 +52,7 @@ def load_model(checkpoint: str | Path, weights: str = "ema", device: str | torch
     ck = load_checkpoint(path)
     if weights not in ck.weights:
         raise RecipeError(f"checkpoint {path} has no {weights!r} weights (it has {', '.join(ck.weights)})")
-    recipe = recipe_from_dict(run_info(ck.meta)["recipe"], check_paths=False)
+    recipe = recipe_from_dict(ck.info.recipe, check_paths=False)
     model = build_model(recipe, pretrained_weights=False)  # the checkpoint holds the weights
     model.load_state_dict(ck.weights[weights])
     check_device_support(model, device)
@@ -178,13 +178,30 @@ def _patches(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
     return patches_metrics(gen.samples, _reference_images(loaded.recipe, REFERENCE_SUBSET))
 
 
-METRICS: dict[str, Callable[..., dict[str, float]]] = {
-    "circles": _circles, "digits": _digits, "inception": _inception,
-    "moving_shapes": _moving_shapes, "tones": _tones, "spectrum": _spectrum, "patches": _patches,
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric: the modality of the samples it measures, and `measure(loaded, gen, **kwargs)` ->
+    {column: value}."""
+
+    modality: str
+    measure: Callable[..., dict[str, float]]
+
+
+# The metric registry: a new metric is one function above plus one entry here.
+METRIC_SPECS: dict[str, MetricSpec] = {
+    "circles": MetricSpec("image", _circles), "digits": MetricSpec("image", _digits),
+    "inception": MetricSpec("image", _inception), "moving_shapes": MetricSpec("video", _moving_shapes),
+    "tones": MetricSpec("audio", _tones), "spectrum": MetricSpec("image", _spectrum),
+    "patches": MetricSpec("image", _patches),
 }
-# the modality of the samples each metric measures
-METRIC_MODALITY = {"circles": "image", "digits": "image", "inception": "image",
-                   "moving_shapes": "video", "tones": "audio", "spectrum": "image", "patches": "image"}
+# views of the registry: each metric's function, and the modality of the samples it measures
+METRICS = {name: spec.measure for name, spec in METRIC_SPECS.items()}
+METRIC_MODALITY = {name: spec.modality for name, spec in METRIC_SPECS.items()}
+
+
+def metrics_for(kind: str) -> list[str]:
+    """The metrics that measure samples of modality `kind`, in registry order."""
+    return [name for name, spec in METRIC_SPECS.items() if spec.modality == kind]
 
 
 def evaluate(
@@ -192,15 +209,16 @@ def evaluate(
     rescale: float = 0.0, seed: int = 0, batch_size: int = 256, progress: bool = False, **metric_kwargs: Any,
 ) -> dict[str, Any]:
     """Generate `n` samples once and measure every metric on them; one flat dict (a table row)."""
-    unknown = [m for m in metrics if m not in METRICS]
+    unknown = [m for m in metrics if m not in METRIC_SPECS]
     if unknown or not metrics:
-        raise RecipeError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+        raise RecipeError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from "
+                          f"{', '.join(METRIC_SPECS)}")
     kind = modality(loaded.recipe.data)
-    wrong = [m for m in metrics if METRIC_MODALITY[m] != kind]
+    wrong = [m for m in metrics if METRIC_SPECS[m].modality != kind]
     if wrong:
-        raise RecipeError(f"metric(s) {', '.join(wrong)} measure {METRIC_MODALITY[wrong[0]]} samples; this "
+        raise RecipeError(f"metric(s) {', '.join(wrong)} measure {METRIC_SPECS[wrong[0]].modality} samples; this "
                           f"checkpoint makes {kind} ({loaded.recipe.data.name}); choose from "
-                          f"{', '.join(m for m in METRICS if METRIC_MODALITY[m] == kind)}")
+                          f"{', '.join(metrics_for(kind))}")
     if "inception" in metrics:  # find the weights before spending time on sampling
         from .metrics.inception import load_fid_inception
 
@@ -211,6 +229,6 @@ def evaluate(
         "guidance": guidance, "rescale": rescale, "seed": seed,
     }
     for m in metrics:
-        for k, v in METRICS[m](loaded, gen, **metric_kwargs).items():
+        for k, v in METRIC_SPECS[m].measure(loaded, gen, **metric_kwargs).items():
             row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
     return row

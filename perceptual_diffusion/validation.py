@@ -66,6 +66,19 @@ class ValidationBatch:
         x0 = batch["x"] if encode is None else encode(batch["x"])
         return cls(schedule, x0, None if condition is None else condition(batch), seed=seed)
 
+    @classmethod
+    def for_recipe(cls, recipe, dataset, schedule: NoiseSchedule, condition: Callable[..., Any], latent=None,
+                   device: torch.device | str = "cpu") -> "ValidationBatch":
+        """A run's batch: `recipe.train.validation_size` items of its data, drawn from seed + 54321,
+        conditioned without dropout (`condition(batch, 0.0, None)`); latent recipes see a fixed
+        posterior sample of the VAE."""
+        encode = None
+        if latent is not None:
+            g = torch.Generator(device=device).manual_seed(recipe.seed + 54321)
+            encode = lambda x: latent.encode_images(x.to(device), generator=g).cpu()  # noqa: E731
+        return cls.from_dataset(dataset, recipe.train.validation_size, schedule, seed=recipe.seed + 54321,
+                                condition=lambda b: condition(b, 0.0, None), encode=encode)
+
     def __len__(self) -> int:
         return self.x0.shape[0]
 

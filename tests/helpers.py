@@ -1,6 +1,7 @@
 """Small rank-generic denoisers for tests of the objectives (any of 1-D, 2-D, 3-D data), the kit's
-way to give zero-initialised layers signal, and a launcher for tests that run 2 processes through
-`accelerate launch`."""
+way to give zero-initialised layers signal, what the backbone tests share (`perturbed`, `tiny_net`,
+`noisy_inputs`, `check_v_like_x`, `check_early_exit`), and a launcher for tests that run 2
+processes through `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -56,6 +57,50 @@ class TinyConvDenoiser(TappedDenoiser):
 
     def null_cond(self, cond):
         return torch.full_like(cond, self.num_classes)
+
+
+def perturbed(net: nn.Module, seed: int = 0, scale: float = 0.05) -> nn.Module:
+    """Add noise to every parameter, so the zero-initialised paths carry signal; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return net.eval()
+
+
+def tiny_net(cls, **overrides) -> nn.Module:
+    """`cls.from_preset("tiny", **overrides)` built under torch.manual_seed(0), `perturbed`."""
+    torch.manual_seed(0)
+    return perturbed(cls.from_preset("tiny", **overrides))
+
+
+def noisy_inputs(*shape: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t of `shape` and t (N,) in [0, 1000), from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g), torch.randint(0, 1000, (shape[0],), generator=g)
+
+
+def check_v_like_x(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Assert that v = net(x, t) has x's shape and is contiguous and finite; return v."""
+    v = net(x, t)
+    assert v.shape == x.shape and v.is_contiguous()
+    assert torch.isfinite(v).all()
+    return v
+
+
+def check_early_exit(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond=None) -> dict[str, torch.Tensor]:
+    """Assert that every tap, requested alone with and without stop_early, and all taps requested
+    together, equal the full pass's exactly, in `feature_layers` order; return the full pass's taps."""
+    full = net.forward_features(x, t, cond, layers="all", stop_early=False)
+    assert tuple(full) == net.feature_layers
+    assert net.forward_features(x, t, cond, layers="all").keys() == full.keys()
+    for name in net.feature_layers:
+        early = net.forward_features(x, t, cond, layers=name)
+        late = net.forward_features(x, t, cond, layers=name, stop_early=False)
+        assert list(early) == [name]
+        assert torch.equal(early[name], full[name]), name
+        assert torch.equal(late[name], full[name]), name
+    return full
 
 
 ROOT = Path(__file__).resolve().parents[1]

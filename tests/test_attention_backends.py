@@ -14,7 +14,7 @@ import torch
 from backbones import BACKBONES, build_backbone
 from backbones.layers import attention, check_attention_backend, check_attention_backends
 from perceptual_diffusion.config import RecipeError
-from perceptual_diffusion.trainer import check_device_support
+from perceptual_diffusion.builders import check_device_support
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN = [name for name, cls in BACKBONES.items() if name != "diffusers_unet"]  # the backbones with their own attention

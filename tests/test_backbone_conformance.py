@@ -8,6 +8,7 @@ enough to have it checked, as a user checks theirs with the same kit.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from backbones import BACKBONES
 from backbones.base import Backbone, ConformanceExample
 from perceptual_diffusion import make_perceptual
+from perceptual_diffusion.denoiser import Denoiser
 from perceptual_diffusion.testing import DenoiserConformance, one_thread, randomise_zero_init
 
 
@@ -123,3 +125,100 @@ def test_a_bfloat16_copy_returns_float32_and_computes_in_bfloat16(name):
     with torch.no_grad():
         assert half(x, t, torch.tensor([1, 2])).dtype == torch.float32
         assert half.forward_features(x, t, torch.tensor([1, 2]), layers="mid")["mid"].dtype == torch.bfloat16
+
+
+# ------------------------------------------- presets, construction, taps, batches and checkpointing of the own backbones
+
+
+def _params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_presets_grow_from_tiny_to_default(name):
+    cls = BACKBONES[name]
+    assert list(cls.PRESETS)[0] == "tiny" and list(cls.PRESETS)[-1] == "default"
+    counts = [_params(cls.from_preset(preset)) for preset in cls.PRESETS]
+    assert counts[0] < 1_000_000
+    assert counts == sorted(set(counts)), dict(zip(cls.PRESETS, counts))  # strictly increasing
+    default = cls.PRESETS["default"]
+    assert default == type(default)()  # the config class's defaults are the "default" preset
+    assert isinstance(cls.from_preset("tiny"), Denoiser)
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_construction_styles_agree_and_bad_names_raise(name):
+    cls = BACKBONES[name]
+    cfg = cls.PRESETS["tiny"]
+    assert cls(cfg).config == cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}).config
+    assert cls(cfg, dropout=0.1).config.dropout == 0.1
+    with pytest.raises(ValueError, match=".*".join(cls.PRESETS)):
+        cls.from_preset("huge")
+    with pytest.raises(TypeError, match="'not_a_field'"):
+        cls.from_preset("tiny", not_a_field=8)
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_layer_groups_select_taps_in_execution_order(name):
+    net, x, t = _own(name)
+    layers = net.feature_layers
+    m = layers.index("mid")
+    expected = {
+        "encoder": layers[:m],
+        "decoder": layers[m + 1:],
+        "encoder+mid": layers[:m + 1],
+        "mid": ("mid",),
+        (layers[-1], layers[0]): (layers[0], layers[-1]),  # execution order, not the order asked in
+    }
+    with torch.no_grad():
+        for spec, names in expected.items():
+            assert tuple(net.forward_features(x[:1], t[:1], layers=spec)) == names, spec
+    with pytest.raises(ValueError, match="unknown feature layer"):
+        net.forward_features(x, t, layers="up.9")
+
+
+# (rtol, atol) of an item alone against the batch, where the default (1e-5, 1e-6) is too tight: the
+# sums of a batch of 2 and of 1 are blocked differently, and the UNets add more of them
+_BATCH_TOLERANCE = {"image_unet": (1e-5, 1e-5), "video_unet": (1e-4, 1e-5)}
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_an_item_alone_matches_the_batch_and_a_scalar_t_broadcasts(name):
+    net, x, t = _own(name, num_classes=10)
+    y = torch.tensor([4, 5])
+    rtol, atol = _BATCH_TOLERANCE.get(name, (1e-5, 1e-6))
+    with torch.no_grad():
+        both = net(x, t, y)
+        one = net(x[:1], t[:1], y[:1])
+        assert one.shape == (1, *x.shape[1:])
+        torch.testing.assert_close(one, both[:1], rtol=rtol, atol=atol)
+        assert torch.equal(net(x[:1], t[0], y[:1]), one)
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_gradient_checkpointing_recomputes_every_block_and_changes_nothing(name):
+    """Each block of SHARD_UNITS runs twice with checkpointing (once more in backward), once without;
+    outputs are equal and gradients (parameters and context) equal up to rounding."""
+    plain, x, t = _own(name, context_dim=8)
+    plain.train()
+    ckpt = BACKBONES[name].from_preset("tiny", in_channels=x.shape[1], context_dim=8, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.train()
+    ctx = torch.randn(2, 3, 8, requires_grad=True)
+    outs, grads = [], []
+    for net in (plain, ckpt):
+        units = [m for m in net.modules() if type(m).__name__ in BACKBONES[name].SHARD_UNITS]
+        calls = [0] * len(units)
+        hooks = [m.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+                 for i, m in enumerate(units)]
+        ctx.grad = None
+        v = net(x, t, ctx)
+        v.square().mean().backward()
+        for h in hooks:
+            h.remove()
+        outs.append(v.detach())
+        grads.append([p.grad.clone() for p in net.parameters()] + [ctx.grad.clone()])
+        assert units and set(calls) == {2 if net is ckpt else 1}
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

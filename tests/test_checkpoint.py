@@ -22,9 +22,12 @@ from perceptual_diffusion.checkpoint import (
     Checkpoint,
     CheckpointError,
     capture_rng_state,
+    checkpoint_before,
+    final_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_meta,
     resolve_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -457,3 +460,31 @@ def test_ema_state_round_trip_through_checkpoint(tmp_path):
     assert torch.equal(other.model.weight, ema.model.weight)
     with pytest.raises(KeyError, match="num_updates"):
         other.load_state_dict({"model": ckpt.weights["ema"]})
+
+
+def test_read_meta_reads_the_metadata_without_the_tensors(tmp_path):
+    run = tmp_path / "run"
+    recipe = {"mse": {"lr": 1e-3}}
+    a = _save(run, 3, meta={"stage": "mse", "stage_step": 3, "final": False, "recipe": recipe, "best_loss": 0.5})
+    b = _save(run, 5, meta={"stage": "mse", "stage_step": 5, "final": True, "recipe": recipe, "best_loss": None})
+    c = _save(run, 9, meta={"stage": "sp", "stage_step": 4, "final": False})
+    (b / "weights" / "model.safetensors").write_bytes(b"not read")  # corrupt tensors do not matter here
+    info = read_meta(b)
+    assert (info.path, info.step, info.stage, info.stage_step, info.final, info.recipe, info.best_loss) == (
+        b, 5, "mse", 5, True, recipe, None)
+    assert info.version == perceptual_diffusion.__version__ and info.time
+    assert load_checkpoint(a).info == read_meta(a) and read_meta(a).best_loss == 0.5
+    assert (read_meta(c).final, read_meta(c).recipe, read_meta(c).best_loss) == (False, {}, None)
+    assert final_checkpoint(run, "mse") == b and final_checkpoint(run, "sp") is None
+    assert [checkpoint_before(run, s) for s in (3, 4, 6, 10)] == [None, a, b, c]
+
+
+@pytest.mark.parametrize("damage, message", [("remove", "incomplete checkpoint"), ("garble", "corrupt")])
+def test_read_meta_of_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path, damage, message):
+    path = _save(tmp_path / "run", 1)
+    if damage == "remove":
+        (path / "meta.json").unlink()
+    else:
+        (path / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=message):
+        read_meta(path)

@@ -317,7 +317,8 @@ def test_image_folder_needs_an_existing_directory(tmp_path):
         ["sp.layers=up.0"], ["sp.layers=all"], ["sp.layers=decoder"], ['train.stages=["mse"]'],
         ["train.sample_every=0", "train.checkpoint_every=0"], ["mse.cond_dropout=0"], ["mse.grad_clip=0"],
         ["mse.adam_betas=[0, 0.999]"], ["schedule.beta_start=0.012"], ["train.sample_steps=1000"],
-        ["data.channels=3"], ["data.size=8"], ["schedule.num_timesteps=2", "train.sample_steps=2"],
+        ["data.name=photo_patches", "data.channels=3"], ["data.size=8"],
+        ["schedule.num_timesteps=2", "train.sample_steps=2"],
         ["model.overrides.not_a_field_here=1"],  # the backbone checks its own keys
     ],
 )

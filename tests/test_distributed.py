@@ -222,7 +222,7 @@ def _accelerate(config: Path, monkeypatch):
 @pytest.mark.parametrize("name", ["fsdp_1node.yaml", "fsdp_multinode.yaml"])
 def test_shipped_fsdp_configs_shard_the_sd_unet(name, monkeypatch):
     pytest.importorskip("diffusers")
-    from perceptual_diffusion.trainer import sharding_plan
+    from perceptual_diffusion.engines import sharding_plan
 
     acc, _ = _accelerate(ROOT / "recipes" / "accelerate" / name, monkeypatch)
     text = (ROOT / "recipes" / "image" / "sd21_t2i_mse.toml").read_text()
@@ -248,7 +248,7 @@ def _train(**fields):
 def test_fsdp_plan_refuses_fsdp1_and_fp16_and_reads_unit_names(tmp_path, monkeypatch):
     from accelerate.utils import DistributedType
 
-    from perceptual_diffusion.trainer import sharding_plan
+    from perceptual_diffusion.engines import sharding_plan
 
     text = (ROOT / "recipes" / "accelerate" / "fsdp_1node.yaml").read_text()
     config = tmp_path / "c.yaml"
@@ -278,7 +278,7 @@ def test_deepspeed_plan_accepts_zero_1_and_2_and_refuses_what_it_cannot_honour()
 
     from accelerate.utils import DistributedType
 
-    from perceptual_diffusion.trainer import deepspeed_plan
+    from perceptual_diffusion.engines import deepspeed_plan
 
     def acc(**zero):
         plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2, **zero}})
@@ -334,7 +334,7 @@ def test_a_checkpoint_saved_sharded_resumes_in_one_process(engine, runs, tmp_pat
     assert saved.step == 5
     recipe = load_recipe(runs / "r.toml", ["train.fsdp=true"])  # one process: nothing to shard
     trainer = Trainer(recipe, run, resume="latest", progress=False)
-    assert trainer.fsdp is False
+    assert type(trainer.engine).__name__ == "Engine"  # unsharded
     result = trainer.run()
     assert [s.stage for s in result.stages] == ["sp"] and "RNG streams restart" in caplog.text
     final = load_checkpoint(latest_checkpoint(run))

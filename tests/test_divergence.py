@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import perceptual_diffusion.trainer as trainer_module
+import perceptual_diffusion.builders as builders_module
 from perceptual_diffusion.checkpoint import list_checkpoints, load_checkpoint
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import Recipe, load_recipe
-from perceptual_diffusion.trainer import DivergenceError, DivergenceGuard, Trainer
+from perceptual_diffusion.guards import DivergenceGuard
+from perceptual_diffusion.trainer import DivergenceError, Trainer
 
 
 def feed(guard: DivergenceGuard, losses, first: int = 1) -> list[int]:
@@ -135,7 +136,7 @@ def spiking(monkeypatch):
 
     def patch(stage: str):
         name = "VelocityMSE" if stage == "mse" else "SelfPerceptual"
-        base = getattr(trainer_module, name)
+        base = getattr(builders_module, name)
 
         class Jump(base):
             calls = 0
@@ -144,7 +145,7 @@ def spiking(monkeypatch):
                 Jump.calls += 1
                 return super().__call__(*args, **kwargs) * (1000.0 if Jump.calls > JUMP else 1.0)
 
-        monkeypatch.setattr(trainer_module, name, Jump)
+        monkeypatch.setattr(builders_module, name, Jump)
 
     return patch
 
@@ -212,7 +213,7 @@ def test_off_is_silent_and_rotates_as_usual(recipe_file, tmp_path, spiking, capl
     assert _steps(tmp_path / "run") == [28, 32]
     # the statistic still runs: its minimum, from before the spike, is the stage's recorded best loss
     final = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
-    assert trainer_module.run_info(final.meta)["best_loss"] == final.state["divergence"]["best"] < 1.0 < final.state["divergence"]["losses"][-1]
+    assert final.info.best_loss == final.state["divergence"]["best"] < 1.0 < final.state["divergence"]["losses"][-1]
 
 
 def test_a_resumed_run_keeps_the_statistic(recipe_file, tmp_path, spiking):

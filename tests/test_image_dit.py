@@ -172,7 +172,7 @@ def test_registered_with_its_shard_units():
 
 
 def test_the_digits_recipe_builds_a_tiny_image_dit_for_its_data():
-    from perceptual_diffusion.trainer import build_model
+    from perceptual_diffusion.builders import build_model
 
     r = load_recipe(RECIPE)
     assert (r.model.backbone, r.model.preset, r.data.name, r.data.size) == ("image_dit", "tiny", "digits", 16)

@@ -1,34 +1,21 @@
-"""ImageUNet and its building blocks: shapes, conditioning, taps and early exit, dtypes."""
+"""ImageUNet and its building blocks: shapes, feature_info, configs, taps and early exit. What
+every own backbone shares (presets, construction, layer groups, batches, checkpointing,
+conditioning) is checked in tests/test_backbone_conformance.py, weights and outputs against
+earlier code in tests/test_backbone_digests.py."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from helpers import check_early_exit, check_v_like_x, noisy_inputs, perturbed, tiny_net
 
-from backbones import ImageUNet, ImageUNetConfig
+from backbones import ImageUNet
 from backbones.layers import AttentionBlock, Downsample, ResBlock, Upsample, attention, timestep_embedding
-from perceptual_diffusion.denoiser import Denoiser
-
-
-def perturbed(net: ImageUNet, seed: int = 0, scale: float = 0.05) -> ImageUNet:
-    """Add noise to every parameter, so the zero-initialised paths carry signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return net.eval()
+from perceptual_diffusion.testing import record_calls
 
 
 def inputs(n: int = 2, c: int = 3, h: int = 16, w: int = 16, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, h, w, generator=g), torch.randint(0, 1000, (n,), generator=g)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ImageUNet:
-    torch.manual_seed(0)
-    return perturbed(ImageUNet.from_preset("tiny", num_classes=10))
+    return noisy_inputs(n, c, h, w, seed=seed)
 
 
 # ---------------------------------------------------------------- shapes and presets
@@ -44,11 +31,7 @@ def tiny() -> ImageUNet:
     ],
 )
 def test_output_shape_equals_input_shape(overrides, shape):
-    net = perturbed(ImageUNet.from_preset("tiny", **overrides))
-    x, t = inputs(*shape)
-    v = net(x, t)
-    assert v.shape == x.shape
-    assert torch.isfinite(v).all()
+    check_v_like_x(perturbed(ImageUNet.from_preset("tiny", **overrides)), *inputs(*shape))
 
 
 def test_out_channels_and_feature_info():
@@ -61,139 +44,36 @@ def test_out_channels_and_feature_info():
         assert f.shape == (2, info["channels"], 16 // info["reduction"], 16 // info["reduction"]), name
 
 
-def test_presets():
-    counts = {
-        name: sum(p.numel() for p in ImageUNet.from_preset(name).parameters()) for name in ImageUNet.PRESETS
-    }
-    assert set(counts) >= {"tiny", "small", "default"}
-    assert counts["tiny"] < 1_000_000
-    assert counts["tiny"] < counts["small"] < counts["default"]
-    assert ImageUNet.PRESETS["default"] == ImageUNetConfig()
-    assert isinstance(ImageUNet.from_preset("tiny"), Denoiser)
-
-
-def test_construction_styles_agree():
-    cfg = ImageUNet.PRESETS["tiny"]
-    a = ImageUNet(cfg)
-    b = ImageUNet(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
-    assert a.config == b.config
-    assert ImageUNet(cfg, dropout=0.1).config.dropout == 0.1
+def test_presets_and_lists_from_recipes():
+    """The config's checks are tests/test_unet.py's, for both UNets."""
+    assert list(ImageUNet.PRESETS) == ["tiny", "small", "default"]  # parameters grow: test_backbone_conformance
     assert ImageUNet.from_preset("tiny", channel_mult=[1, 2]).config.channel_mult == (1, 2)
-
-
-def test_preset_and_override_errors():
-    with pytest.raises(ValueError, match="tiny.*small.*default"):
-        ImageUNet.from_preset("huge")
     with pytest.raises(TypeError, match="'base_chanels'"):
         ImageUNet.from_preset("tiny", base_chanels=8)
-
-
-@pytest.mark.parametrize(
-    "fields,match",
-    [
-        ({"base_channels": 24, "groups": 32}, "not divisible by groups"),
-        ({"num_classes": 10, "context_dim": 8}, "exclusive"),
-        ({"num_res_blocks": -1}, "num_res_blocks must be a positive int"),
-        ({"base_channels": 0}, "base_channels"),
-        ({"channel_mult": ()}, "channel_mult"),
-        ({"channel_mult": (1, -2)}, "channel_mult"),
-        ({"attention_levels": (4,)}, "attention_levels"),
-        ({"head_dim": 32, "num_heads": 4}, "exactly one"),
-        ({"head_dim": 48}, "head_dim=48"),
-        ({"dropout": 1.5}, "dropout"),
-        ({"num_classes": 0}, "num_classes"),
-        ({"attention_backend": "flash"}, "attention_backend"),
-    ],
-)
-def test_config_validation(fields, match):
-    with pytest.raises(ValueError, match=match):
-        ImageUNetConfig(**fields)
 
 
 # ---------------------------------------------------------------- taps and early exit
 
 
+@pytest.fixture(scope="module")
+def tiny() -> ImageUNet:
+    return tiny_net(ImageUNet, num_classes=10)
+
+
 def test_early_exit_features_match_full_forward(tiny):
     x, t = inputs(2)
-    y = torch.tensor([3, 7])
-    full = tiny.forward_features(x, t, y, layers="all", stop_early=False)
-    assert tuple(full) == tiny.feature_layers == ("down.0", "down.1", "mid", "up.0", "up.1")
-    assert tiny.forward_features(x, t, y, layers="all").keys() == full.keys()
-    for name in tiny.feature_layers:
-        early = tiny.forward_features(x, t, y, layers=name)
-        late = tiny.forward_features(x, t, y, layers=name, stop_early=False)
-        assert list(early) == [name]
-        assert torch.equal(early[name], full[name]), name
-        assert torch.equal(late[name], full[name]), name
+    full = check_early_exit(tiny, x, t, torch.tensor([3, 7]))
+    assert tuple(full) == ("down.0", "down.1", "mid", "up.0", "up.1")
 
 
 def test_mid_runs_no_decoder_module(tiny):
-    calls: set[str] = set()
-    handles = [
-        m.register_forward_hook(lambda mod, i, o, name=name: calls.add(name))
-        for name, m in tiny.named_modules()
-        if name
-    ]
-    try:
-        x, t = inputs(2)
-        tiny.forward_features(x, t, torch.tensor([0, 1]), layers="mid")
-    finally:
-        for h in handles:
-            h.remove()
+    x, t = inputs(2)
+    calls = set(record_calls(tiny, lambda: tiny.forward_features(x, t, torch.tensor([0, 1]), layers="mid")))
     tops = {name.split(".")[0] for name in calls}
     assert not any(n.startswith("up.") for n in calls)
     assert "up" not in tops and "norm_out" not in tops and "conv_out" not in tops
     assert {"conv_in", "time_embed", "label_embed", "down", "mid"} <= tops
     assert {"down.0.res.0", "down.1.attn.0", "down.0.resample", "mid.res1", "mid.attn", "mid.res2"} <= calls
-
-
-def test_layer_groups(tiny):
-    x, t = inputs(1)
-    expected = {
-        "encoder": ["down.0", "down.1"],
-        "decoder": ["up.0", "up.1"],
-        "encoder+mid": ["down.0", "down.1", "mid"],
-        "mid": ["mid"],
-        ("up.1", "down.0"): ["down.0", "up.1"],  # execution order
-    }
-    for spec, names in expected.items():
-        assert list(tiny.forward_features(x, t, layers=spec)) == names
-    with pytest.raises(ValueError, match="unknown feature layer"):
-        tiny.forward_features(x, t, layers="up.9")
-
-
-# ---------------------------------------------------------------- modes and dtypes
-
-
-def test_batch_size_one(tiny):
-    x, t = inputs(2)
-    y = torch.tensor([4, 5])
-    both = tiny(x, t, y)
-    one = tiny(x[:1], t[:1], y[:1])
-    assert one.shape == (1, 3, 16, 16)
-    assert torch.allclose(one, both[:1], atol=1e-5)
-    assert tiny(x[:1], t[0], y[:1]).shape == (1, 3, 16, 16)  # scalar t broadcasts
-
-
-def test_gradient_checkpointing_same_gradients():
-    torch.manual_seed(0)
-    plain = perturbed(ImageUNet.from_preset("tiny", context_dim=8)).train()
-    ckpt = ImageUNet.from_preset("tiny", context_dim=8, gradient_checkpointing=True).train()
-    ckpt.load_state_dict(plain.state_dict())
-    x, t = inputs(2)
-    ctx = torch.randn(2, 3, 8, requires_grad=True)
-    grads = []
-    for net in (plain, ckpt):
-        calls = []
-        h = net.mid.res1.register_forward_pre_hook(lambda *a: calls.append(1))
-        ctx.grad = None
-        net(x, t, ctx).square().mean().backward()
-        h.remove()
-        grads.append([p.grad.clone() for p in net.parameters()] + [ctx.grad.clone()])
-        # checkpointing recomputes the block in backward (a post-hook may not fire: early stop)
-        assert len(calls) == (2 if net is ckpt else 1)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- layers

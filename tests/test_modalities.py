@@ -48,7 +48,7 @@ def test_shipped_recipes_build_their_data_and_model(recipe):
     item = data[0]
     assert tuple(item["x"].shape) == sample_shape(r.data)
     assert ("label" in item) == r.data.conditional
-    from perceptual_diffusion.trainer import build_model
+    from perceptual_diffusion.builders import build_model
 
     net = build_model(r).eval()
     x = item["x"][None]

@@ -287,7 +287,7 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_interrupted_training_resumes_from_its_latest_checkpoint(tmp_path, monkeypatch):
-    from perceptual_diffusion.checkpoint import list_checkpoints
+    from perceptual_diffusion.checkpoint import list_checkpoints, read_meta
 
     rp = _load()
     work, results = tmp_path / "work", tmp_path / "results"
@@ -298,8 +298,8 @@ def test_interrupted_training_resumes_from_its_latest_checkpoint(tmp_path, monke
     assert rp.main(args) == 130
     mse_dir = work / "circles" / "seed0" / "mse"
     (ckpt,) = list_checkpoints(mse_dir)
-    meta = json.loads((ckpt / "meta.json").read_text())
-    assert meta["extra"]["stage_step"] == 10 and not meta["extra"]["final"]
+    meta = read_meta(ckpt)
+    assert meta.stage_step == 10 and not meta.final
     assert not (results / "rows.jsonl").exists()
     wall = json.loads((mse_dir / "reproduce.json").read_text())["wall_s"]
 

@@ -15,11 +15,11 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from perceptual_diffusion.checkpoint import load_checkpoint  # noqa: E402
+from perceptual_diffusion.checkpoint import final_checkpoint, load_checkpoint  # noqa: E402
 from perceptual_diffusion.cli import main  # noqa: E402
 from perceptual_diffusion.config import RecipeError, load_recipe  # noqa: E402
 from perceptual_diffusion.datasets.shards import write_shards  # noqa: E402
-from perceptual_diffusion.trainer import Trainer, final_checkpoint  # noqa: E402
+from perceptual_diffusion.trainer import Trainer  # noqa: E402
 
 from helpers import accelerate_launch  # noqa: E402
 from sd_tiny import tiny_pipeline, write_tokenizer_files  # noqa: E402
@@ -68,7 +68,7 @@ def test_t2i_mse_then_sp_then_export_and_reload(sd_world, tmp_path, capsys):
     assert (recipe.data.min_size, recipe.data.min_aesthetic, recipe.mse.cond_dropout) == (513, 6.0, 0.1)
     trainer = Trainer(recipe, mse_run, progress=False)
     assert trainer.dataset.stats["kept"] == 8  # the size and aesthetic filters each drop one
-    assert tuple(trainer.sample_noise.shape) == (2, 4, 8, 8)  # VAE latents of 16x16 images
+    assert tuple(trainer.previews.noise.shape) == (2, 4, 8, 8)  # VAE latents of 16x16 images
     trainer.run()
     ck = load_checkpoint(final_checkpoint(mse_run, "mse"))
     null = ck.weights["ema"]["null_context"]
@@ -111,7 +111,7 @@ def test_uncond_recipe_trains_on_the_empty_prompt(sd_world, tmp_path):
     assert recipe.data.empty_captions and {trainer.dataset[i]["caption"] for i in range(8)} == {""}
     batch = {"caption": ["", ""]}
     gen = torch.Generator().manual_seed(0)
-    cond = trainer._condition(batch, 0.0, gen)
+    cond = trainer.condition(batch, 0.0, gen)
     torch.testing.assert_close(cond, trainer.latent.null_context().expand(2, -1, -1))
     trainer.run()
 
@@ -123,11 +123,11 @@ def test_text_dropout_replaces_contexts_with_the_empty_prompt(sd_world, tmp_path
     prompts = ["a cat"] * 64
     full = trainer.latent.encode_prompts(prompts)
     null = trainer.latent.null_context()
-    got = trainer._condition({"caption": prompts}, 0.5, torch.Generator().manual_seed(0))
+    got = trainer.condition({"caption": prompts}, 0.5, torch.Generator().manual_seed(0))
     dropped = [bool(torch.equal(got[i], null[0])) for i in range(64)]
     kept = [bool(torch.equal(got[i], full[i])) for i in range(64)]
     assert all(d != k for d, k in zip(dropped, kept)) and 16 < sum(dropped) < 48
-    assert trainer._condition({"caption": prompts}, 0.0, torch.Generator()).equal(full)
+    assert trainer.condition({"caption": prompts}, 0.0, torch.Generator()).equal(full)
 
 
 def test_sd_recipe_errors(sd_world, tmp_path):
@@ -168,7 +168,7 @@ def test_latent_and_diffusers_unet_go_together(sd_world):
 
 
 def test_architecture_from_config_takes_the_recipes_config_overrides(sd_world):
-    from perceptual_diffusion.trainer import build_model
+    from perceptual_diffusion.builders import build_model
 
     model_dir, shards = sd_world
     r = load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", _overrides(model_dir, shards)
@@ -210,3 +210,49 @@ def test_two_process_fsdp_on_the_sd_unet_exports_a_pipeline(sd_world, tmp_path):
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "pipe", subfolder="unet").state_dict()
     for key, value in exported.items():
         assert torch.equal(value, ck.weights["ema"][f"unet.{key}"]), key
+
+
+def test_latent_cache_encodes_once_and_trains_on_the_cached_latents(sd_world, tmp_path, monkeypatch):
+    """model.latent_cache: the main process encodes every image once (the posterior mean), later runs
+    reuse the file, and training batches are the cached latents (no VAE encode per step)."""
+    from perceptual_diffusion.latent import CachedLatents, LatentPipeline
+
+    model_dir, shards = sd_world
+    cache = tmp_path / "cache" / "latents.safetensors"
+    sets = _overrides(model_dir, shards) + _stage("mse") + [f"model.latent_cache={json.dumps(str(cache))}",
+                                                           "train.sample_every=0"]
+    recipe = load_recipe(ROOT / "recipes/image/sd21_t2i_mse.toml", sets)
+    first = Trainer(recipe, tmp_path / "a", progress=False)
+    assert isinstance(first.dataset, CachedLatents) and cache.is_file() and not first.encode
+    latents = first.dataset.latents
+    assert tuple(latents.shape[1:]) == tuple(first.previews.noise.shape[1:])  # [4 x 2 x 2] of 16x16 images
+    # the cache holds the posterior mean of each image
+    image = first.dataset.dataset[0]["x"][None]
+    torch.testing.assert_close(latents[:1], first.latent.encode_images(image, sample=False))
+
+    def no_encoding(self, *args, **kwargs):
+        pytest.fail("the VAE encoded images although the cache is up to date")
+
+    monkeypatch.setattr(LatentPipeline, "encode_images", no_encoding)
+    second = Trainer(recipe, tmp_path / "b", progress=False)  # the file is up to date: reused, not re-encoded
+    assert torch.equal(second.dataset.latents, latents)
+    import perceptual_diffusion.builders as builders_module
+
+    seen = []
+
+    base = builders_module.VelocityMSE
+
+    class Recording(base):
+        def __call__(self, net, x0, *args, **kwargs):
+            seen.append(x0.detach().clone())
+            return super().__call__(net, x0, *args, **kwargs)
+
+    monkeypatch.setattr(builders_module, "VelocityMSE", Recording)
+    result = second.run()
+    assert result.stages[0].steps == 2 and len(seen) == 2
+    assert all(any(torch.equal(x, z) for z in latents) for batch in seen for x in batch)
+
+
+def test_latent_cache_needs_model_latent():
+    with pytest.raises(RecipeError, match="model.latent_cache caches VAE latents and needs model.latent"):
+        load_recipe(ROOT / "recipes/image/digits.toml", ["model.latent_cache='x.safetensors'"])

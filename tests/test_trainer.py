@@ -16,7 +16,8 @@ from PIL import Image
 from perceptual_diffusion.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from perceptual_diffusion.cli import main
 from perceptual_diffusion.config import load_recipe
-from perceptual_diffusion.trainer import NonFiniteError, Trainer, run_info
+from perceptual_diffusion.builders import load_start
+from perceptual_diffusion.trainer import NonFiniteError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = """
@@ -76,7 +77,7 @@ def test_two_stages_end_to_end(recipe_file, tmp_path):
     # non-final ones and every stage-final one
     kept = [load_checkpoint(p) for p in list_checkpoints(run)]
     assert [c.step for c in kept] == [6, 8, 11, 14]
-    assert [run_info(c.meta)["final"] for c in kept] == [False, True, False, True]
+    assert [c.info.final for c in kept] == [False, True, False, True]
     # the perceptual net of stage 2 is the frozen EMA of the final stage-1 model
     mse_final, sp_final = kept[1].weights, kept[3].weights
     for name, tensor in mse_final["ema"].items():
@@ -101,8 +102,8 @@ def test_sp_starts_from_the_frozen_weights_or_the_chosen_ones(recipe_file, tmp_p
         recipe = load_recipe(recipe_file, ["train.stages=['sp']", f"sp.init='{base}'", f"sp.init_weights='{which}'",
                                            f"sp.perceptual_weights='{perceptual}'", "sp.steps=1"])
         trainer = Trainer(recipe, tmp_path / f"sp-{which}-{perceptual}", progress=False)
-        model = trainer._new_model(pretrained_weights=False)
-        frozen = trainer._init_sp(model, base.resolve() / "checkpoints" / latest_checkpoint(base).name)
+        st = trainer._setup("sp", None)
+        model, frozen = trainer.engine.online, st.perceptual
         start = perceptual if which == "frozen" else which  # Algorithm 1: the copy that is frozen
         assert _same(model.state_dict(), stage1["model" if start == "online" else "ema"])
         assert _same(frozen.state_dict(), stage1["model" if perceptual == "online" else "ema"])
@@ -133,7 +134,7 @@ def test_mse_init_is_the_matched_control_of_sp(recipe_file, tmp_path, monkeypatc
         trainer = Trainer(load_recipe(recipe_file, sets), tmp_path / run_name, progress=False)
         if run_name == "control":
             first = trainer._new_model()
-            trainer._load_start(first, "mse", start, "ema")
+            load_start(first, "mse", start, "ema")
             assert _same(first.state_dict(), load_checkpoint(start).weights["ema"])
         trainer.run()
     ran = load_checkpoint(latest_checkpoint(tmp_path / "control"))
@@ -199,7 +200,7 @@ def test_signal_saves_checkpoint_and_exits_then_resumes(recipe_file, tmp_path, s
     assert f"interrupted by signal {int(signum)}" in err
     (ck,) = list_checkpoints(run)
     stopped = load_checkpoint(ck)
-    assert stopped.stage == "mse" and not run_info(stopped.meta)["final"] and stopped.step >= 2
+    assert stopped.stage == "mse" and not stopped.info.final and stopped.step >= 2
     done = _cli("train", recipe_file, "--out", run, "--no-progress", "--resume", "latest",
                 "--set", f"mse.steps={stopped.step + 2}")
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,7 @@ from perceptual_diffusion.config import load_recipe
 from perceptual_diffusion.datasets.synthetic import CirclesDataset
 from perceptual_diffusion.objectives import SelfPerceptual, VelocityMSE, make_perceptual
 from perceptual_diffusion.schedule import NoiseSchedule
-from perceptual_diffusion.trainer import PerceptualCheckError, Trainer, run_info
+from perceptual_diffusion.trainer import PerceptualCheckError, Trainer
 from perceptual_diffusion.validation import ValidationBatch
 
 from helpers import randomise_zero_init
@@ -101,8 +101,8 @@ def test_both_stages_log_diagnostics_without_changing_the_training(recipe_file, 
     assert all(r["val_vmse"] > 0 for r in steps)
     assert [("val_sp" in r) for r in steps] == [False] * 4 + [True] * 2  # an mse stage from scratch has no f_*
     check = [r for r in lines if "perceptual_val_vmse" in r]
-    assert len(check) == 1 and check[0]["stage1_best_loss"] == run_info(
-        load_checkpoint(check[0]["source"]).meta)["best_loss"] > 0
+    assert len(check) == 1 and check[0]["stage1_best_loss"] == load_checkpoint(
+        check[0]["source"]).info.best_loss > 0
     assert not any("val_vmse" in r or "perceptual_val_vmse" in r for r in _lines(runs[0]))
     # the diagnostics draw nothing from the training's RNG streams: the same losses and weights
     assert [r["loss"] for r in steps] == [r["loss"] for r in _lines(runs[0])]
@@ -125,8 +125,7 @@ def _broken_copy(run, scale: float = 50.0):
     """A final stage-mse checkpoint after the run's last one whose weights are `scale` x the last's."""
     last = load_checkpoint(latest_checkpoint(run))
     weights = {k: {n: t * scale for n, t in sd.items()} for k, sd in last.weights.items()}
-    meta = {**run_info(last.meta), "stage": "mse"}
-    meta.pop("step")
+    meta = {**last.info.extra, "stage": "mse"}
     return save_checkpoint(run, last.step + 1, weights=weights, state=last.state, meta=meta)
 
 
@@ -155,7 +154,7 @@ def test_sp_refuses_a_broken_perceptual_network_and_names_a_good_checkpoint(reci
 def test_a_checkpoint_without_a_recorded_loss_is_not_checked(recipe_file, tmp_path, caplog):
     base = tmp_path / "base"
     Trainer(load_recipe(recipe_file, ["train.stages=['mse']", "mse.steps=2"]), base, progress=False).run()
-    assert run_info(load_checkpoint(latest_checkpoint(base)).meta)["best_loss"] is None  # shorter than a window
+    assert load_checkpoint(latest_checkpoint(base)).info.best_loss is None  # shorter than a window
     with caplog.at_level(logging.INFO, logger="perceptual_diffusion.trainer"):
         Trainer(load_recipe(recipe_file, ["train.stages=['sp']", f"sp.init='{base}'", "sp.steps=1"]),
                 tmp_path / "sp", progress=False).run()
@@ -177,6 +176,6 @@ def test_resuming_into_a_shortened_stage_ends_it_or_says_why_not(recipe_file, tm
     result = Trainer(load_recipe(recipe_file, ["mse.steps=2", "sp.steps=2", "sp.check_factor=0"]), resumed,
                      resume=str(mid), progress=False).run()
     assert [s.stage for s in result.stages] == ["mse", "sp"]
-    ends = [c for c in map(load_checkpoint, list_checkpoints(resumed)) if run_info(c.meta)["final"]]
+    ends = [c for c in map(load_checkpoint, list_checkpoints(resumed)) if c.info.final]
     assert [(c.stage, c.step) for c in ends] == [("mse", 2), ("sp", 4)]
     assert all(torch.equal(ends[0].weights["model"][k], v) for k, v in load_checkpoint(mid).weights["model"].items())

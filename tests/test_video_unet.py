@@ -1,9 +1,13 @@
-"""VideoUNet and its temporal blocks: shapes, frame mixing, conditioning, taps and early exit."""
+"""VideoUNet and its temporal blocks: shapes, frame mixing, per-clip contexts, configs, taps and
+early exit. What every own backbone shares (presets, construction, layer groups, batches,
+checkpointing, conditioning) is checked in tests/test_backbone_conformance.py, weights and
+outputs against earlier code in tests/test_backbone_digests.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import check_early_exit, check_v_like_x, noisy_inputs, perturbed, tiny_net
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,16 +17,7 @@ from backbones.video_unet import (
     VideoUNet,
     VideoUNetConfig,
 )
-from perceptual_diffusion.denoiser import Denoiser
-
-
-def perturbed(net: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
-    """Add noise to every parameter, so the zero-initialised paths carry signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return net.eval()
+from perceptual_diffusion.testing import record_calls
 
 
 def zero_temporal(net: VideoUNet) -> VideoUNet:
@@ -36,14 +31,7 @@ def zero_temporal(net: VideoUNet) -> VideoUNet:
 
 
 def inputs(n: int = 2, c: int = 3, f: int = 4, h: int = 8, w: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, f, h, w, generator=g), torch.randint(0, 1000, (n,), generator=g)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> VideoUNet:
-    torch.manual_seed(0)
-    return perturbed(VideoUNet.from_preset("tiny", num_classes=10))
+    return noisy_inputs(n, c, f, h, w, seed=seed)
 
 
 # ---------------------------------------------------------------- shapes and presets
@@ -60,11 +48,7 @@ def tiny() -> VideoUNet:
     ],
 )
 def test_output_shape_equals_input_shape(overrides, shape):
-    net = perturbed(VideoUNet.from_preset("tiny", **overrides))
-    x, t = inputs(*shape)
-    v = net(x, t)
-    assert v.shape == x.shape and v.is_contiguous()
-    assert torch.isfinite(v).all()
+    check_v_like_x(perturbed(VideoUNet.from_preset("tiny", **overrides)), *inputs(*shape))
 
 
 def test_bad_input_shapes_raise(tiny):
@@ -92,27 +76,17 @@ def test_out_channels_and_feature_info():
     assert [net.feature_info[n]["reduction"] for n in net.feature_layers] == [2, 4, 4, 4, 2, 1, 1]
 
 
-def test_presets():
-    nets = {name: VideoUNet.from_preset(name) for name in VideoUNet.PRESETS}
-    counts = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
-    assert set(counts) >= {"tiny", "default"}
-    assert counts["tiny"] < 1_000_000
-    assert 8_000_000 < counts["default"] < 16_000_000
-    assert VideoUNet.PRESETS["default"] == VideoUNetConfig()
-    assert isinstance(nets["tiny"], Denoiser)
+def test_default_preset():
+    default = VideoUNet.from_preset("default")
+    assert 8_000_000 < sum(p.numel() for p in default.parameters()) < 16_000_000
     # the midblock and the default preset's levels 1 and 2 have both kinds of attention
-    kinds = {type(m).__name__ for m in nets["default"].mid[0].modules()}
+    kinds = {type(m).__name__ for m in default.mid[0].modules()}
     assert {"ResBlock", "TemporalConv", "AttentionBlock", "TemporalAttention"} <= kinds
-    assert nets["default"].down[0].blocks[0].tattn is None
-    assert nets["default"].down[1].blocks[0].tattn is not None
+    assert default.down[0].blocks[0].tattn is None
+    assert default.down[1].blocks[0].tattn is not None
 
 
-def test_construction_styles_agree():
-    cfg = VideoUNet.PRESETS["tiny"]
-    a = VideoUNet(cfg)
-    b = VideoUNet(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
-    assert a.config == b.config
-    assert VideoUNet(cfg, dropout=0.1).config.dropout == 0.1
+def test_lists_from_recipes_and_temporal_levels():
     c = VideoUNet.from_preset(
         "tiny", channel_mult=[1, 2], attention_levels=[0], temporal_attention_levels=[1, 0]
     )
@@ -125,35 +99,16 @@ def test_construction_styles_agree():
     )
     assert fewer.config.temporal_levels == (0, 1) and fewer.down[0].blocks[0].tattn is not None
     assert VideoUNetConfig(temporal_attention_levels=False).temporal_levels == ()
-
-
-def test_preset_and_override_errors():
-    with pytest.raises(ValueError, match="tiny.*default"):
-        VideoUNet.from_preset("huge")
     with pytest.raises(TypeError, match="'base_chanels'"):
         VideoUNet.from_preset("tiny", base_chanels=8)
 
 
 @pytest.mark.parametrize(
     "fields,match",
-    [
-        ({"base_channels": 24, "groups": 32}, "not divisible by groups"),
-        ({"num_classes": 10, "context_dim": 8}, "exclusive"),
-        ({"num_res_blocks": 0}, "num_res_blocks must be a positive int"),
-        ({"in_channels": 1.0}, "in_channels"),
-        ({"channel_mult": ()}, "channel_mult"),
-        ({"channel_mult": (1, -2, 2)}, "channel_mult"),
+    [  # the fields it shares with ImageUNetConfig are checked in tests/test_unet.py
         ({"attention_levels": (3,)}, "attention_levels"),
         ({"temporal_attention_levels": (0, 0)}, "temporal_attention_levels"),
         ({"temporal_attention_levels": (True,)}, "temporal_attention_levels"),
-        ({"head_dim": 32, "num_heads": 4}, "exactly one"),
-        ({"head_dim": 48}, "head_dim=48"),
-        ({"head_dim": None, "num_heads": 3}, "num_heads=3"),
-        ({"dropout": -0.1}, "dropout"),
-        ({"num_classes": 0}, "num_classes"),
-        ({"context_dim": -4}, "context_dim"),
-        ({"attention_backend": "flash"}, "attention_backend"),
-        ({"gradient_checkpointing": "yes"}, "gradient_checkpointing"),
     ],
 )
 def test_config_validation(fields, match):
@@ -264,15 +219,16 @@ def test_each_clip_reads_its_own_context():
 # ---------------------------------------------------------------- taps and early exit
 
 
+@pytest.fixture(scope="module")
+def tiny() -> VideoUNet:
+    return tiny_net(VideoUNet, num_classes=10)
+
+
 def test_early_exit_features_match_full_forward(tiny):
     x, t = inputs(2)
     y = torch.tensor([3, 7])
-    full = tiny.forward_features(x, t, y, layers="all", stop_early=False)
-    assert tuple(full) == tiny.feature_layers == ("down.0", "down.1", "mid", "up.0", "up.1")
-    for name in tiny.feature_layers:
-        early = tiny.forward_features(x, t, y, layers=name)
-        assert list(early) == [name]
-        assert torch.equal(early[name], full[name]), name
+    full = check_early_exit(tiny, x, t, y)
+    assert tuple(full) == ("down.0", "down.1", "mid", "up.0", "up.1")
     # the last tap is the input of the output head
     v = tiny(x, t, y)
     up = full["up.1"]
@@ -281,18 +237,8 @@ def test_early_exit_features_match_full_forward(tiny):
 
 
 def test_mid_runs_no_decoder_module(tiny):
-    calls: list[str] = []
-    handles = [
-        m.register_forward_hook(lambda mod, i, o, name=name: calls.append(name))
-        for name, m in tiny.named_modules()
-        if name
-    ]
-    try:
-        x, t = inputs(2)
-        tiny.forward_features(x, t, torch.tensor([0, 1]), layers="mid")
-    finally:
-        for h in handles:
-            h.remove()
+    x, t = inputs(2)
+    calls = record_calls(tiny, lambda: tiny.forward_features(x, t, torch.tensor([0, 1]), layers="mid"))
     tops = {name.split(".")[0] for name in calls}
     assert "up" not in tops and "norm_out" not in tops and "conv_out" not in tops
     assert {"conv_in", "time_embed", "label_embed", "down", "mid"} <= tops
@@ -304,54 +250,3 @@ def test_mid_runs_no_decoder_module(tiny):
     assert expected <= set(calls)
     assert calls.index("mid.0.tattn") < calls.index("mid.1.res")
     assert calls.count("mid.1.tconv") == 1
-
-
-def test_layer_groups(tiny):
-    x, t = inputs(1, f=2)
-    expected = {
-        "encoder": ["down.0", "down.1"],
-        "decoder": ["up.0", "up.1"],
-        "encoder+mid": ["down.0", "down.1", "mid"],
-        ("up.1", "down.0"): ["down.0", "up.1"],  # execution order
-    }
-    for spec, names in expected.items():
-        assert list(tiny.forward_features(x, t, layers=spec)) == names
-    with pytest.raises(ValueError, match="unknown feature layer"):
-        tiny.forward_features(x, t, layers="up.9")
-
-
-# ---------------------------------------------------------------- modes and dtypes
-
-
-def test_batch_size_one_and_scalar_t(tiny):
-    x, t = inputs(2)
-    y = torch.tensor([4, 5])
-    both = tiny(x, t, y)
-    one = tiny(x[:1], t[:1], y[:1])
-    assert one.shape == (1, 3, 4, 8, 8)
-    torch.testing.assert_close(one, both[:1], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(tiny(x[:1], t[0], y[:1]), one)  # scalar t broadcasts
-
-
-def test_gradient_checkpointing_same_outputs_and_gradients():
-    torch.manual_seed(0)
-    plain = perturbed(VideoUNet.from_preset("tiny", context_dim=8)).train()
-    ckpt = VideoUNet.from_preset("tiny", context_dim=8, gradient_checkpointing=True).train()
-    ckpt.load_state_dict(plain.state_dict())
-    x, t = inputs(2, f=3)
-    ctx = torch.randn(2, 3, 8, requires_grad=True)
-    outs, grads = [], []
-    for net in (plain, ckpt):
-        calls = []
-        h = net.mid[0].register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
-        ctx.grad = None
-        net.zero_grad()
-        v = net(x, t, ctx)
-        v.square().mean().backward()
-        h.remove()
-        outs.append(v.detach())
-        grads.append([p.grad.clone() for p in net.parameters()] + [ctx.grad.clone()])
-        assert len(calls) == (2 if net is ckpt else 1)  # checkpointing recomputes in backward
-    assert torch.equal(outs[0], outs[1])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
