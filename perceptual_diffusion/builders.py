@@ -5,17 +5,19 @@ checkpoint's model without importing the trainer).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import Recipe, RecipeError
-from .datasets import num_classes, sample_shape
+from .datasets import build_dataset, num_classes, sample_shape
 from .objectives import SelfPerceptual, VelocityMSE
 from .schedule import NoiseSchedule
 
 __all__ = ["DTYPES", "WEIGHTS_KEY", "Conditioner", "build_latent", "build_model", "build_objective", "build_optimizer",
-           "build_schedule", "check_device_support", "frozen_model", "load_start", "model_input_shape", "new_model",
+           "build_schedule", "build_train_dataset", "check_device_support", "frozen_model", "load_start", "model_input_shape", "new_model",
            "preview_prompts"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
@@ -110,6 +112,32 @@ def load_start(model: torch.nn.Module, stage: str, source, which: str):
         raise RecipeError(f"{stage}.init: the {which} weights of {source} do not fit this recipe's model "
                           f"({first})") from e
     return ck
+
+
+def build_train_dataset(recipe: Recipe, latent: Any = None, is_main: bool = True,
+                        barrier: Callable[[], None] = lambda: None, progress: bool = True):
+    """The recipe's training data (RecipeError, one line, when it cannot be read). A latent recipe
+    needs captions; with `model.latent_cache` its items are every image's VAE latent (the posterior
+    mean), read from the file the main process makes, or remakes when the data or the VAE changed;
+    `barrier` makes the other processes wait for it."""
+    try:
+        dataset = build_dataset(recipe.data)
+    except (ValueError, RuntimeError, ImportError, OSError) as e:  # empty folder, missing decoder, bad shard
+        raise RecipeError(f"data ({recipe.data.name}): {e}") from e
+    if latent is None:
+        return dataset
+    if "caption" not in dataset[0]:
+        raise RecipeError(f"model.latent trains on captions, but {recipe.data.name} items have none (an "
+                          "image_folder needs captions.jsonl; set data.empty_captions = true for section 5.7)")
+    if not recipe.model.latent_cache:
+        return dataset
+    from .latent import CachedLatents
+
+    path = Path(recipe.model.latent_cache)
+    if is_main:
+        latent.cache_latents(dataset, path, progress=progress)
+    barrier()
+    return CachedLatents(path, dataset)
 
 
 def build_latent(recipe: Recipe, device: torch.device | str = "cpu"):

@@ -28,12 +28,12 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .builders import (WEIGHTS_KEY, Conditioner, build_latent, build_objective, build_optimizer, build_schedule,
-                       frozen_model,
+                       build_train_dataset, frozen_model,
                        load_start, new_model)
 from .checkpoint import (capture_rng_state, checkpoint_before, final_checkpoint, load_checkpoint, read_meta,
                          resolve_checkpoint, save_checkpoint)
 from .config import Recipe, RecipeError, StageConfig, recipe_to_dict, save_recipe
-from .datasets import build_dataset, make_loader
+from .datasets import make_loader
 from .datasets.loader import ResumableBatchSampler
 from .ema import EMA
 from .engines import make_accelerator, make_engine
@@ -46,7 +46,6 @@ from .validation import ValidationBatch
 __all__ = ["Trainer", "TrainResult", "StageResult", "NonFiniteError", "DivergenceError", "PerceptualCheckError"]
 
 log = logging.getLogger(__name__)
-
 
 
 class Trainer:
@@ -62,10 +61,6 @@ class Trainer:
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
         self.engine = make_engine(self.accelerator, recipe.train)
         self.schedule = build_schedule(recipe)
-        try:
-            self.dataset = build_dataset(recipe.data)
-        except (ValueError, RuntimeError, ImportError, OSError) as e:  # empty folder, missing decoder, bad shard
-            raise RecipeError(f"data ({recipe.data.name}): {e}") from e
         self.resume_from = resolve_checkpoint(resume, self.run_dir) if resume else None
         if self.resume_from is not None:
             warn_recipe_changes(read_meta(self.resume_from).recipe, recipe_to_dict(recipe))
@@ -78,11 +73,8 @@ class Trainer:
         self.offsets = {s: sum(self._stage_cfg(p).steps for p in stages[: stages.index(s)]) for s in stages}
         self.latent = build_latent(recipe, self.device)  # None in pixel space
         self.encode = self.latent is not None and not recipe.model.latent_cache  # each batch, else cached once
-        if self.latent is not None and "caption" not in self.dataset[0]:
-            raise RecipeError(f"model.latent trains on captions, but {recipe.data.name} items have none (an "
-                              "image_folder needs captions.jsonl; set data.empty_captions = true for section 5.7)")
-        if self.latent is not None and not self.encode:
-            self.dataset = self._cached(self.dataset, Path(recipe.model.latent_cache))
+        self.dataset = build_train_dataset(recipe, self.latent, self.is_main, self.accelerator.wait_for_everyone,
+                                           progress)
         self.condition = Conditioner(recipe, self.latent, self.device)
         self.previews = Previews(recipe, self.schedule, self.dataset, self.latent, self.device, self.is_main)
         if self.is_main:
@@ -90,16 +82,6 @@ class Trainer:
             save_recipe(recipe, self.run_dir / "recipe.toml")
         self.metrics = MetricsLog(self.run_dir, self.is_main)
         self._validation: ValidationBatch | None = None
-
-    def _cached(self, dataset, path: Path):
-        """`dataset` with every image's latent (the VAE posterior mean) read from `path`, which the
-        main process makes, or remakes when the data or the VAE changed (model.latent_cache)."""
-        from .latent import CachedLatents
-
-        if self.is_main:
-            self.latent.cache_latents(dataset, path, progress=self.progress)
-        self.accelerator.wait_for_everyone()
-        return CachedLatents(path, dataset)
 
     def _stage_cfg(self, stage: str) -> StageConfig:
         return self.recipe.mse if stage == "mse" else self.recipe.sp
