@@ -50,3 +50,21 @@ def test_sd21_reduced_keeps_the_sd21_layout():
     # the same 64-channel heads as SD2.1-base, at a fifth of the width
     assert [c // h for c, h in zip(reduced["block_out_channels"], reduced["attention_head_dim"])] == [64] * 4
     assert [c // h for c, h in zip(cfg["block_out_channels"], cfg["attention_head_dim"])] == [64] * 4
+
+
+def test_modality_diagnostics_on_tones_end_to_end(tmp_path):
+    """benchmarks/modality_diagnostics.py (issue 14's evidence) at a few steps: real tones score 1.0
+    on their metric, loud noise breaks them, the exact batch denoiser's samples are the batch."""
+    spec = importlib.util.spec_from_file_location("diag", ROOT / "benchmarks" / "modality_diagnostics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--out", str(tmp_path), "--steps", "2", "--only", "tones", "--n-real", "16",
+                          "--repeats", "1", "--sample-steps", "5", "--data-scale", "2"])
+    assert json.loads((tmp_path / "diagnostics.json").read_text())["recipes"].keys() == {"tones"}
+    tones = result["recipes"]["tones"]
+    sanity = tones["a_metric_sanity"]
+    assert sanity["noise_0.0"]["valid_fraction"] == 1.0 and sanity["noise_0.3"]["valid_fraction"] < 0.5
+    assert 0.2 < tones["b_scale"]["std"] < 0.5  # the tones' amplitude, well below unit variance
+    exact = tones["c_overfit"]["samples_exact_batch_denoiser"]
+    assert exact["nearest_same_label_item_rms_max"] < 1e-3 and exact["metric"]["valid_fraction"] == 1.0
+    assert len(tones["c_overfit"]["loss_curve"]) == 0  # fewer steps than one logging window
