@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .base import Backbone, validate_backbone_fields
 from .layers import MultiHeadAttention, timestep_embedding, zero_
 
-__all__ = ["DiT", "DiTConfig", "DiTBlock", "FinalLayer", "patchify", "unpatchify", "position_embedding",
+__all__ = ["DiT", "DiTConfig", "DiTBlock", "FinalLayer", "FrontEnd", "patchify", "unpatchify", "position_embedding",
            "tap_names"]
 
 # width of the sinusoidal timestep features fed to the conditioning MLP (DiT's choice)
@@ -154,6 +154,25 @@ def tap_names(depth: int) -> tuple[str, ...]:
     return tuple([f"down.{i}" for i in range(m)] + ["mid"] + [f"up.{j}" for j in range(depth - m - 1)])
 
 
+class FrontEnd(nn.Module):
+    """The identity map between the data [N x C x *S] and what a DiT patches; the base of front ends
+    that change the representation (`AudioDiT`'s spectrum). A front end has no parameters, maps C
+    channels to `channels(C)` and each of its positions covers `reduction` input positions; the
+    output of the net goes back through `inverse`."""
+
+    reduction: int = 1
+
+    def channels(self, channels: int) -> int:
+        return channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def inverse(self, y: Tensor, sizes: Sequence[int]) -> Tensor:
+        """The data-space tensor of sizes `sizes` (the input's positional sizes) that `y` stands for."""
+        return y
+
+
 # ---------------------------------------------------------------- blocks
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -236,20 +255,26 @@ class DiT(Backbone):
         d = c.hidden_dim
         self.out_channels = c.out_channels or c.in_channels
         patch_numel = c.patch_size ** self.POSITIONAL_DIMS
+        self.front_end = self._front_end()
 
         self.time_embed = nn.Sequential(nn.Linear(FREQ_DIM, d), nn.SiLU(), nn.Linear(d, d))
         self.label_embed = nn.Embedding(c.num_classes + 1, d) if c.num_classes else None
-        self.patch_embed = nn.Linear(c.in_channels * patch_numel, d)
+        self.patch_embed = nn.Linear(self.front_end.channels(c.in_channels) * patch_numel, d)
         self.blocks = nn.ModuleList(
             DiTBlock(d, c.num_heads, c.mlp_ratio, c.dropout, c.context_dim, c.attention_backend, c.qk_norm)
             for _ in range(c.depth)
         )
-        self.final_layer = FinalLayer(d, self.out_channels * patch_numel)
+        self.final_layer = FinalLayer(d, self.front_end.channels(self.out_channels) * patch_numel)
 
         self.feature_layers = tap_names(c.depth)
         self.feature_info: dict[str, dict[str, int]] = {
-            name: {"channels": d, "reduction": c.patch_size} for name in self.feature_layers
+            name: {"channels": d, "reduction": c.patch_size * self.front_end.reduction} for name in self.feature_layers
         }
+
+    def _front_end(self) -> "FrontEnd":
+        """What the input becomes before patching (and the output after unpatching): the data
+        itself here; a subclass may return another `FrontEnd` (AudioDiT's spectrum)."""
+        return FrontEnd()
 
     def _run(self, x_t: Tensor, t: Tensor, cond: Any, tap: Callable[[str, Tensor], Tensor]) -> Tensor:
         cfg, dims = self.config, self.POSITIONAL_DIMS
@@ -259,12 +284,13 @@ class DiT(Backbone):
         dtype = self.patch_embed.weight.dtype
         c, context = self._embed_conditioning(x_t, t, cond, FREQ_DIM, dtype)
 
-        h = self.patch_embed(patchify(x_t.to(dtype), cfg.patch_size))
-        grid = tuple(size // cfg.patch_size for size in x_t.shape[2:])
+        y = self.front_end(x_t).to(dtype)
+        h = self.patch_embed(patchify(y, cfg.patch_size))
+        grid = tuple(size // cfg.patch_size for size in y.shape[2:])
         h = h + position_embedding(grid, cfg.hidden_dim, h.device).to(dtype)
         for block, name in zip(self.blocks, self.feature_layers):
             h = self._block(block, h, c, context)
             tap(name, h.unflatten(1, grid))
 
-        v = unpatchify(self.final_layer(h, c), cfg.patch_size, self.out_channels, grid)
-        return v.to(x_t.dtype)
+        v = unpatchify(self.final_layer(h, c), cfg.patch_size, self.front_end.channels(self.out_channels), grid)
+        return self.front_end.inverse(v, x_t.shape[2:]).to(x_t.dtype)

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from .config import Recipe, RecipeError
-from .datasets import build_dataset, num_classes, sample_shape
+from .datasets import ScaledDataset, build_dataset, num_classes, sample_shape
 from .objectives import SelfPerceptual, VelocityMSE
 from .schedule import NoiseSchedule
 
 __all__ = ["DTYPES", "WEIGHTS_KEY", "Conditioner", "build_latent", "build_model", "build_objective", "build_optimizer",
            "build_schedule", "build_train_dataset", "check_device_support", "frozen_model", "load_start", "model_input_shape", "new_model",
-           "preview_prompts"]
+           "preview_prompts", "to_data"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 WEIGHTS_KEY = {"online": "model", "ema": "ema"}  # a recipe's weight source -> a checkpoint's weights name
@@ -119,13 +119,14 @@ def build_train_dataset(recipe: Recipe, latent: Any = None, is_main: bool = True
     """The recipe's training data (RecipeError, one line, when it cannot be read). A latent recipe
     needs captions; with `model.latent_cache` its items are every image's VAE latent (the posterior
     mean), read from the file the main process makes, or remakes when the data or the VAE changed;
-    `barrier` makes the other processes wait for it."""
+    `barrier` makes the other processes wait for it. Pixel-space items are in the model's units:
+    "x" times `data.scale`."""
     try:
         dataset = build_dataset(recipe.data)
     except (ValueError, RuntimeError, ImportError, OSError) as e:  # empty folder, missing decoder, bad shard
         raise RecipeError(f"data ({recipe.data.name}): {e}") from e
     if latent is None:
-        return dataset
+        return dataset if recipe.data.scale == 1 else ScaledDataset(dataset, recipe.data.scale)
     if "caption" not in dataset[0]:
         raise RecipeError(f"model.latent trains on captions, but {recipe.data.name} items have none (an "
                           "image_folder needs captions.jsonl; set data.empty_captions = true for section 5.7)")
@@ -156,6 +157,14 @@ def build_latent(recipe: Recipe, device: torch.device | str = "cpu"):
         return LatentPipeline.from_pretrained(recipe.model.latent, dtype=dtype).to(device)
     except OSError as e:
         raise RecipeError(f"model.latent {recipe.model.latent!r}: {' '.join(str(e).split())}") from e
+
+
+def to_data(recipe: Recipe, latent: Any, x: torch.Tensor) -> torch.Tensor:
+    """Samples in the model's units -> data units: latents decoded to images, pixel-space samples
+    divided by `data.scale` (the inverse of what `build_train_dataset` applies)."""
+    if latent is not None:
+        return latent.decode(x)
+    return x if recipe.data.scale == 1 else x / recipe.data.scale
 
 
 def model_input_shape(recipe: Recipe, latent=None) -> tuple[int, ...]:

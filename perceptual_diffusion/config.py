@@ -59,6 +59,9 @@ class DataConfig:
     empty_captions: bool = False     # shards / image_folder: every caption "" (section 5.7, unconditional)
     num_workers: int = 0             # DataLoader workers
     seed: int = 0                    # generation seed of synthetic data
+    scale: float = 1.0               # the model sees every item's x times this (e.g. 1 / the data's std, so its
+                                     # SNR meets the schedule's); samples are divided by it before they are
+                                     # scored or saved, so metrics, WAVs and images stay in data units
 
 
 @dataclass
@@ -493,6 +496,8 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
     _at_least("data.num_items", d.num_items, 1)
     _at_least("data.num_workers", d.num_workers, 0)
     _at_least("data.seed", d.seed, 0)
+    if not (isinstance(d.scale, (int, float)) and not isinstance(d.scale, bool) and 0 < d.scale < math.inf):
+        raise RecipeError(f"data.scale must be a finite number > 0, got {d.scale!r}")
 
     m = r.model
     _choice("model.backbone", m.backbone, tuple(BACKBONE_SPECS))
@@ -511,6 +516,9 @@ def validate_recipe(r: Recipe, *, check_paths: bool = True) -> None:
                           "model.latent (a diffusers model dir with vae/, text_encoder/, tokenizer/); other "
                           f"backbones work in pixel space (got model.backbone = {m.backbone!r}, "
                           f"model.latent = {m.latent!r})")
+    if m.latent and d.scale != 1:
+        raise RecipeError(f"data.scale scales pixel-space data; a latent recipe scales its latents by the VAE's "
+                          f"scaling_factor, got data.scale = {d.scale!r} with model.latent")
     if m.latent_cache and not m.latent:
         raise RecipeError(f"model.latent_cache caches VAE latents and needs model.latent, got "
                           f"model.latent_cache = {m.latent_cache!r} without it")

@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Recipe, RecipeError, recipe_from_dict
 from .datasets import build_reference_dataset, modality, num_classes
 from .sampling import ddim_sample
-from .builders import build_latent, build_model, build_schedule, check_device_support, model_input_shape
+from .builders import build_latent, build_model, build_schedule, check_device_support, model_input_shape, to_data
 
 __all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "MetricSpec", "METRIC_SPECS",
            "METRICS", "METRIC_MODALITY", "metrics_for"]
@@ -101,7 +101,7 @@ def generate(
             cond = latent.encode_prompts(prompts[i:i + batch_size])
         x = ddim_sample(loaded.model, schedule, noise[i:i + batch_size].to(device), cond=cond, steps=steps,
                         guidance_scale=guidance, guidance_rescale=rescale)
-        chunks.append((x if latent is None else latent.decode(x)).cpu())
+        chunks.append(to_data(r, latent, x).cpu())
     return Generated(torch.cat(chunks), noise, labels, steps * (2 if guidance != 1.0 else 1))
 
 

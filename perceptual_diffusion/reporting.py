@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .builders import model_input_shape, preview_prompts
+from .builders import model_input_shape, preview_prompts, to_data
 from .config import Recipe
 from .datasets import modality, num_classes
 from .media import save_samples
@@ -83,7 +83,7 @@ class Previews:
         cond = None if self.cond is None else self.cond.to(self.device)
         x = ddim_sample(model, self.schedule, self.noise.to(self.device), cond=cond,
                         steps=self.recipe.train.sample_steps)
-        x = (x if self.latent is None else self.latent.decode(x)).cpu()
+        x = to_data(self.recipe, self.latent, x).cpu()
         return x if self.is_main else None
 
     def save(self, x: torch.Tensor, path: Path, nrow: int | None = None) -> list[Path]:

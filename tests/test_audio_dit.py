@@ -11,7 +11,7 @@ from helpers import check_early_exit, noisy_inputs, perturbed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backbones.audio_dit import AudioDiT, AudioDiTConfig, patchify, tap_names, unpatchify
+from backbones.audio_dit import AudioDiT, AudioDiTConfig, inverse_spectrum, patchify, spectrum, tap_names, unpatchify
 from perceptual_diffusion import NoiseSchedule, SelfPerceptual, make_perceptual
 
 
@@ -135,6 +135,7 @@ def test_default_preset_and_override_errors():
         ({"num_classes": 10, "context_dim": 8}, "exclusive"),
         ({"attention_backend": "flash"}, "attention_backend='flash'.*sdpa.*xformers"),
         ({"gradient_checkpointing": 1}, "gradient_checkpointing"),
+        ({"front_end": "stft"}, "front_end must be one of waveform, spectrum, got 'stft'"),
     ],
 )
 def test_config_validation(fields, match):
@@ -271,3 +272,53 @@ def test_weights_keep_the_names_of_old_checkpoints(overrides, label, cross):
     outputs for the same weights are checked in tests/test_backbone_digests.py (audio-*)."""
     net = AudioDiT.from_preset("tiny", **overrides)
     assert list(net.state_dict()) == _keys(net.config.depth, label, cross)
+
+
+# ---------------------------------------------------------------- the spectrum front end
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 3), half=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_spectrum_is_orthonormal_and_inverted_exactly(n, c, half, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, 2 * half, generator=g, dtype=torch.float64)
+    y = spectrum(x)
+    assert y.shape == (n, 2 * c, half) and y.dtype == torch.float64
+    torch.testing.assert_close(y.square().sum(), x.square().sum(), rtol=1e-12, atol=1e-12)  # Parseval
+    torch.testing.assert_close(inverse_spectrum(y), x, rtol=0, atol=1e-12)
+    z = torch.randn(n, 2 * c, half, generator=g, dtype=torch.float64)  # every packed array is a spectrum
+    torch.testing.assert_close(spectrum(inverse_spectrum(z)), z, rtol=0, atol=1e-12)
+    # linear, with the matrix orthogonal: inner products are kept too
+    w = torch.randn(n, c, 2 * half, generator=g, dtype=torch.float64)
+    torch.testing.assert_close((spectrum(x) * spectrum(w)).sum(), (x * w).sum(), rtol=1e-10, atol=1e-10)
+
+
+def test_a_tone_is_a_few_bins_of_the_spectrum():
+    length, rate, f0 = 2048, 8000, 440.0
+    t = torch.arange(length, dtype=torch.float64) / rate
+    x = torch.sin(2 * torch.pi * f0 * t + 0.3)[None, None]
+    y = spectrum(x)[0]
+    energy = y.square().sum(0)  # per bin, real and imaginary parts together
+    k = round(f0 * length / rate)  # bin 112.6 -> 113
+    assert energy.argmax().item() in (k - 1, k)
+    # 6 of 1024 bins hold 94.5% of the energy (the rest is the leakage of a clip that does not hold
+    # a whole number of periods), 16 bins 97.9%
+    assert energy[k - 3:k + 3].sum() / energy.sum() > 0.94
+    assert energy[k - 8:k + 8].sum() / energy.sum() > 0.97
+
+
+def test_spectrum_front_end_shapes_taps_and_errors():
+    net = perturbed(AudioDiT.from_preset("tiny", front_end="spectrum", patch_size=8, num_classes=4))
+    x, t = inputs(2, 1, 256)
+    v = net(x, t, torch.tensor([0, 3]))
+    assert v.shape == x.shape and v.dtype == x.dtype and torch.isfinite(v).all()
+    assert net.feature_info["mid"] == {"channels": 64, "reduction": 16}
+    feats = net.forward_features(x, t, torch.tensor([0, 3]), layers="all")
+    assert all(f.shape == (2, 256 // 16, 64) for f in feats.values())  # 128 bins in tokens of 8
+    assert net.patch_embed.in_features == 2 * 8 and net.final_layer.linear.out_features == 2 * 8
+    with pytest.raises(ValueError, match=r"L=200 is not divisible by 2 x patch_size=16 \(the spectrum front end"):
+        net(*inputs(2, 1, 200))
+    # a fresh net still outputs exactly zero (the inverse of a zero spectrum)
+    assert torch.equal(AudioDiT.from_preset("tiny", front_end="spectrum")(x, t), torch.zeros_like(x))
+    # no parameters of its own: the weights have the waveform net's names
+    assert net.state_dict().keys() == perturbed(AudioDiT.from_preset("tiny", patch_size=8, num_classes=4)).state_dict().keys()

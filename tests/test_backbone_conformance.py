@@ -42,6 +42,15 @@ def _conformance(name: str, example: ConformanceExample) -> type[DenoiserConform
 globals().update({f"Test_{name}": _conformance(name, cls.conformance_example()) for name, cls in BACKBONES.items()})
 
 
+def _spectrum_example() -> ConformanceExample:
+    """AudioDiT with its spectrum front end: the tokens are frequency bins, not stretches of time."""
+    example = BACKBONES["audio_dit"].conformance_example()
+    return dataclasses.replace(example, build=lambda **kw: example.build(front_end="spectrum", **kw))
+
+
+Test_audio_dit_spectrum = _conformance("audio_dit_spectrum", _spectrum_example())
+
+
 # ------------------------------------------- conditioning of the library's own backbones (base.Backbone)
 
 OWN = sorted(name for name, cls in BACKBONES.items() if isinstance(cls, type) and issubclass(cls, Backbone))

@@ -340,7 +340,7 @@ def test_boundary_values_are_accepted(overrides):
         ({"optimizer": {}}, "unknown key 'optimizer'; valid keys: name, seed, data, model, schedule, mse, sp, train"),
         ({"data": {"zzz": 1}}, "unknown key 'data.zzz'; valid keys in data: name, size, channels, frames, "
                                "length, sample_rate, num_items, path, conditional, min_size, min_aesthetic, "
-                               "caption_key, empty_captions, num_workers, seed"),
+                               "caption_key, empty_captions, num_workers, seed, scale"),
     ],
 )
 def test_unknown_key_names_it_and_suggests(d, message):

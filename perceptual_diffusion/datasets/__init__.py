@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from .digits import DigitsDataset
 from .folder import ImageFolderDataset
-from .loader import ResumableBatchSampler, SkipCorrupt, collate_skip, make_loader
+from .loader import ResumableBatchSampler, ScaledDataset, SkipCorrupt, collate_skip, make_loader
 from .photos import PhotoPatchesDataset
 from .registry import DATASET_SPECS, MODALITIES, DatasetSpec, Modality, dataset_spec
 from .synthetic import CirclesDataset, circles
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # config validates through the registry: importing it here wo
 __all__ = ["build_dataset", "build_reference_dataset", "num_classes", "sample_shape", "modality", "DATASETS",
            "MODALITY", "DATASET_SPECS", "MODALITIES", "DatasetSpec", "Modality", "dataset_spec", "circles",
            "CirclesDataset", "DigitsDataset", "PhotoPatchesDataset", "ImageFolderDataset",
-           "ResumableBatchSampler", "SkipCorrupt", "collate_skip", "make_loader"]
+           "ResumableBatchSampler", "ScaledDataset", "SkipCorrupt", "collate_skip", "make_loader"]
 
 # views of the registry: the names, and each name's modality
 DATASETS = tuple(DATASET_SPECS)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["ResumableBatchSampler", "SkipCorrupt", "collate_skip", "make_loader"]
+__all__ = ["ResumableBatchSampler", "ScaledDataset", "SkipCorrupt", "collate_skip", "make_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,28 @@ class _Items(list):
     """The items of one batch, carrying the batch's `position` on to `collate_skip`."""
 
     position: tuple[int, int] | None = None
+
+
+class ScaledDataset(Dataset):
+    """`dataset` with every item's "x" multiplied by `scale` (the model's units: `data.scale`);
+    the other keys and the wrapped dataset's attributes pass through."""
+
+    def __init__(self, dataset: Dataset, scale: float):
+        if not 0 < scale < float("inf"):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        self.dataset, self.scale = dataset, float(scale)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        return {**item, "x": item["x"] * self.scale}
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class SkipCorrupt(Dataset):
