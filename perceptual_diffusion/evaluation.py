@@ -19,7 +19,8 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Recipe, RecipeError, recipe_from_dict
 from .datasets import build_reference_dataset, modality, num_classes
 from .sampling import ddim_sample
-from .builders import build_latent, build_model, build_schedule, check_device_support, model_input_shape, to_data
+from .builders import (WEIGHTS_KEY, build_latent, build_model, build_schedule, check_device_support, model_input_shape,
+                       to_data)
 
 __all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "MetricSpec", "METRIC_SPECS",
            "METRICS", "METRIC_MODALITY", "metrics_for"]
@@ -47,14 +48,17 @@ class Generated:
 
 
 def load_model(checkpoint: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedModel:
-    """A checkpoint dir (or a run dir: its latest checkpoint) -> the model in eval mode."""
+    """A checkpoint dir (or a run dir: its latest checkpoint) -> the model in eval mode, with its
+    `weights`: "ema", "online" (the trained net itself) or another name the checkpoint holds."""
     path = resolve_checkpoint(checkpoint, Path(checkpoint))
     ck = load_checkpoint(path)
-    if weights not in ck.weights:
-        raise RecipeError(f"checkpoint {path} has no {weights!r} weights (it has {', '.join(ck.weights)})")
+    key = WEIGHTS_KEY.get(weights, weights)
+    if key not in ck.weights:
+        held = ", ".join(next((k for k, v in WEIGHTS_KEY.items() if v == name), name) for name in ck.weights)
+        raise RecipeError(f"checkpoint {path} has no {weights!r} weights (it has {held})")
     recipe = recipe_from_dict(ck.info.recipe, check_paths=False)
     model = build_model(recipe, pretrained_weights=False)  # the checkpoint holds the weights
-    model.load_state_dict(ck.weights[weights])
+    model.load_state_dict(ck.weights[key])
     check_device_support(model, device)
     return LoadedModel(model.to(device).eval(), recipe, path, weights, build_latent(recipe, device))
 

@@ -4,9 +4,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from perceptual_diffusion.cli import main
-from perceptual_diffusion.config import load_recipe
+from perceptual_diffusion.config import RecipeError, load_recipe
 from perceptual_diffusion.trainer import Trainer
 
 RECIPE = """
@@ -111,3 +112,17 @@ def test_evaluate_inception_with_a_local_weights_file(tmp_path):
     assert main(args) == 0
     again = json.loads(out.read_text())   # from the cached reference, features included
     assert (again["fid"], again["kid"]) == pytest.approx((row["fid"], row["kid"]))
+
+
+def test_evaluate_the_online_weights(tmp_path):
+    run = _train(tmp_path)
+    out = tmp_path / "online.json"
+    assert main(["evaluate", str(run), "--metric", "circles", "--n", "2", "--steps", "2", "--weights", "online",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["weights"] == "online"
+    from perceptual_diffusion.evaluation import load_model
+
+    ema, online = load_model(run), load_model(run, weights="online")
+    assert any(not torch.equal(a, b) for a, b in zip(ema.model.parameters(), online.model.parameters()))
+    with pytest.raises(RecipeError, match=r"has no 'perceptual' weights \(it has online, ema\)"):
+        load_model(run, weights="perceptual")
