@@ -54,8 +54,8 @@ already in rows.jsonl (same key, same checkpoint, every column present) is not r
 the plain command with ``--seed-list``, so resumable alike), then draws the figures and tables.
 
 Budget of the full scale (per run: images 1000 MSE + 200 SP or control steps at batch 16 and
-16x16, 300 samples per row, 4 seeds; video 500 + 150 steps, 100 clips per row; audio 1000 + 250
-steps, 200 clips per row). Measured on 2 CPU cores (AMD EPYC, torch 2.9 CPU, tiny presets, one
+16x16, 300 samples per row, 4 seeds; video 500 + 150 steps, 100 clips per row; audio 3000 + 300
+steps as its recipe, 200 clips per row). Measured on 2 CPU cores (AMD EPYC, torch 2.9 CPU, tiny presets, one
 torch thread per process) with the cores shared by three processes, i.e. about 2/3 of a core each:
   image step at 16x16: MSE 0.20-0.24 s, the control 0.22 s, SP 0.30 s (photo_patches, 50-step
   timings); a row of 300 samples: 25 steps 25-45 s (photo_patches 44 s, with its metrics), 50
@@ -238,7 +238,7 @@ def _per_task(image: int, video: int, audio: int) -> dict[str, int]:
 
 
 SCALES = {
-    "full": Scale(mse_steps=_per_task(1000, 500, 1000), sp_steps=_per_task(200, 150, 250),
+    "full": Scale(mse_steps=_per_task(1000, 500, 3000), sp_steps=_per_task(200, 150, 300),
                   samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=4, checkpoint_every=250),
     "quick": Scale(mse_steps=_per_task(30, 30, 30), sp_steps=_per_task(15, 15, 15),
                    samples=_per_task(40, 24, 24), sizes=_per_task(16, 16, 16), seeds=2, checkpoint_every=0),
