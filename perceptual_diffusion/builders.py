@@ -5,6 +5,7 @@ checkpoint's model without importing the trainer).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from .objectives import SelfPerceptual, VelocityMSE
 from .schedule import NoiseSchedule
 
 __all__ = ["DTYPES", "WEIGHTS_KEY", "Conditioner", "build_latent", "build_model", "build_objective", "build_optimizer",
-           "build_schedule", "build_train_dataset", "check_device_support", "frozen_model", "load_start", "model_input_shape", "new_model",
+           "build_schedule", "build_train_dataset", "check_device_support", "frozen_model", "load_start", "lr_factor",
+           "model_input_shape", "new_model",
            "preview_prompts", "to_data"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
@@ -190,11 +192,18 @@ def build_objective(recipe: Recipe, stage: str, schedule: NoiseSchedule, percept
 
 def build_optimizer(model: torch.nn.Module, cfg) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over `model`'s parameters with the stage's settings (`StageConfig`), and its LR
-    schedule: a linear warm-up over `warmup_steps`, then constant."""
+    schedule (`lr_factor`): a linear warm-up over `warmup_steps`, constant, and the last
+    `decay_steps` steps at `decay_factor` times the lr."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                   weight_decay=cfg.weight_decay)
-    warm = cfg.warmup_steps
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
+
+
+def lr_factor(cfg, step: int) -> float:
+    """The lr of optimizer step `step` (0-based) of a stage, as a fraction of `cfg.lr`."""
+    if cfg.decay_steps and step >= cfg.steps - cfg.decay_steps:
+        return cfg.decay_factor
+    return min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
 
 
 class Conditioner:

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -517,3 +518,32 @@ def test_list_recipes_reads_the_first_comment_line(tmp_path):
     (tmp_path / "recipes" / "notes.md").write_text("# not a recipe\n")
     assert list_recipes(tmp_path) == [("recipes/a.toml", ""), ("recipes/audio/b.toml", "Speech, tiny DiT")]
     assert list_recipes(tmp_path / "recipes") == [("a.toml", ""), ("audio/b.toml", "Speech, tiny DiT")]
+
+
+def test_a_step_decay_anneals_the_last_steps():
+    from perceptual_diffusion.builders import build_optimizer, lr_factor
+
+    r = recipe_from_dict({"mse": {"steps": 10, "lr": 1e-3, "warmup_steps": 4, "decay_steps": 3, "decay_factor": 0.1}})
+    assert [lr_factor(r.mse, s) for s in range(10)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.1]
+    net = torch.nn.Linear(2, 2)
+    opt, sched = build_optimizer(net, r.mse)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1e-3 * f for f in (0.25, 0.5, 0.75, 1, 1, 1, 1, 0.1, 0.1, 0.1)])
+    plain = recipe_from_dict({"mse": {"steps": 5, "warmup_steps": 0}})
+    assert [lr_factor(plain.mse, s) for s in range(5)] == [1.0] * 5  # decay_steps 0: constant
+
+
+@pytest.mark.parametrize("stage,message", [
+    ({"steps": 10, "warmup_steps": 4, "decay_steps": 7}, r"mse.decay_steps \+ mse.warmup_steps must be at most "
+                                                         r"mse.steps, got 7 \+ 4 > 10"),
+    ({"decay_steps": -1}, "mse.decay_steps must be"),
+    ({"decay_steps": 5, "decay_factor": 0.0}, r"mse.decay_factor must be in \(0, 1\], got 0.0"),
+    ({"decay_steps": 5, "decay_factor": 1.5}, r"mse.decay_factor must be in \(0, 1\], got 1.5"),
+])
+def test_bad_decay_settings_are_one_line(stage, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict({"mse": stage})

@@ -156,8 +156,9 @@ def test_mse_init_that_does_not_fit_is_one_line(recipe_file, tmp_path, capsys):
     assert "do not fit this recipe's model" in err[0]
 
 
-def test_exact_resume_bit_for_bit(recipe_file, tmp_path):
-    recipe = load_recipe(recipe_file)
+@pytest.mark.parametrize("sets", [[], ["mse.decay_steps=3", "mse.warmup_steps=0"]], ids=["constant", "decay"])
+def test_exact_resume_bit_for_bit(recipe_file, tmp_path, sets):
+    recipe = load_recipe(recipe_file, sets)
     Trainer(recipe, tmp_path / "a", progress=False).run()
     b = tmp_path / "b"
     assert Trainer(recipe, b, progress=False).run(stop_after=4).stopped_at == 4          # inside stage mse
@@ -169,6 +170,10 @@ def test_exact_resume_bit_for_bit(recipe_file, tmp_path):
         assert all(torch.equal(wa[k][n], wb[k][n]) for n in wa[k]), k
     # stage 1 ended in an earlier process: the MSE-vs-SP grid still shows both models
     assert Path(json.loads((b / "summary.json").read_text())["mse_vs_sp"]).is_file()
+    if sets:  # the resumed run logged the decayed lr for the last 3 of stage mse's 8 steps
+        rows = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+        lrs = {r["stage_step"]: r["lr"] for r in rows if r.get("stage") == "mse" and "lr" in r}
+        assert lrs[4] == pytest.approx(recipe.mse.lr) and lrs[6] == lrs[8] == pytest.approx(0.1 * recipe.mse.lr)
 
 
 def test_nonfinite_stops_and_keeps_last_good_checkpoint(recipe_file, tmp_path):
