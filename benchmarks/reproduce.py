@@ -54,20 +54,22 @@ already in rows.jsonl (same key, same checkpoint, every column present) is not r
 the plain command with ``--seed-list``, so resumable alike), then draws the figures and tables.
 
 Budget of the full scale (per run: images 1000 MSE + 200 SP or control steps at batch 16 and
-16x16, 300 samples per row, 4 seeds; video 500 + 150 steps, 100 clips per row; audio 3000 + 300
-steps as its recipe, 200 clips per row). Measured on 2 CPU cores (AMD EPYC, torch 2.9 CPU, tiny presets, one
+16x16, 300 samples per row, 4 seeds; video 4500 + 300 steps and audio 3000 + 300 steps as their
+recipes, 100 and 200 clips per row). Measured on 2 CPU cores (AMD EPYC, torch 2.9 CPU, tiny presets, one
 torch thread per process) with the cores shared by three processes, i.e. about 2/3 of a core each:
   image step at 16x16: MSE 0.20-0.24 s, the control 0.22 s, SP 0.30 s (photo_patches, 50-step
   timings); a row of 300 samples: 25 steps 25-45 s (photo_patches 44 s, with its metrics), 50
   steps or CFG 45-80 s (the rows of the last full run and a photo_patches row)
   per seed: circles ~650 s (350 s training, 6 rows), digits_uncond ~550 s, photo_patches ~720 s,
   digits ~1700 s (900 s for 11 runs, 21 rows): ~3600 s of process time, 4 seeds ~14,500 s
-  video ~750 s and audio ~520 s per seed with their controls (~5,100 s for 4 seeds)
+  audio (tones, 3000 + 300 + 300 steps) ~640 s per seed with its rows, measured 2026-12-03 with
+  another run on the other core; video (4500 + 300 + 300 steps) ~1,500-2,000 s per seed estimated
+  from its recipe's run (~12,000 s of process time for 4 seeds, about 1.7 h more with --jobs 2)
 Estimated wall time of the default full run (4 image tasks, 4 seeds, every ablation on all 4
 seeds): with --jobs 2 on an otherwise idle 2-core machine each worker has a core (~1.5x the
 speeds above): 14,500 / 1.5 / 2 ~ 4,800 s, about 1.4 h, plus a few minutes of floors, figures and
-tables; on cores as busy as during the measurement ~2.0 h; in one process ~2.7 h. The video and
-audio tasks add ~0.6 h with --jobs 2. Nothing is cut at this scale: 4 seeds for every table, 300
+tables; on cores as busy as during the measurement ~2.0 h; in one process ~2.7 h. The audio task
+adds ~0.4 h with --jobs 2, the video task ~1.7 h. Nothing is cut at this scale: 4 seeds for every table, 300
 samples per row (the digits' floor needs 2 x n <= 1,797 real digits; photo_patches' 2 x n <= 4,096
 held-out patches). `--scale-steps 2` doubles every run (2000 + 400 image steps). The digits are
 8x8 images upsampled, so 16x16 loses nothing. Circles at 16x16: the disk detector passes 99% of
@@ -238,7 +240,7 @@ def _per_task(image: int, video: int, audio: int) -> dict[str, int]:
 
 
 SCALES = {
-    "full": Scale(mse_steps=_per_task(1000, 500, 3000), sp_steps=_per_task(200, 150, 300),
+    "full": Scale(mse_steps=_per_task(1000, 4500, 3000), sp_steps=_per_task(200, 300, 300),
                   samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=4, checkpoint_every=250),
     "quick": Scale(mse_steps=_per_task(30, 30, 30), sp_steps=_per_task(15, 15, 15),
                    samples=_per_task(40, 24, 24), sizes=_per_task(16, 16, 16), seeds=2, checkpoint_every=0),
@@ -370,6 +372,12 @@ def run_dir_of(cfg: Config, task: str, seed: int, model: str) -> Path:
     return cfg.work_dir / task / f"seed{seed}" / model
 
 
+def scaled_decay(stage: StageConfig, steps: int) -> int:
+    """The recipe's `decay_steps` for a run of `steps` instead of `stage.steps`: the same share of
+    the run, and none when the warm-up leaves no room (the --quick scale)."""
+    return min(round(stage.decay_steps * steps / stage.steps), max(0, steps - stage.warmup_steps))
+
+
 def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
     """Train (or resume, or skip) one run; returns its final checkpoint. The run's accumulated
     training wall seconds go to <run>/reproduce.json."""
@@ -387,8 +395,11 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
         log.info("%s %s seed %d %s: trained already (%d steps)", phase, task, seed, model, steps)
         return final
     recipe_path = ROOT / TASKS[task].recipe
+    shipped = load_recipe(recipe_path)
     overrides = [f"seed={seed}", f"name={task}-seed{seed}-{model}", f"data.size={cfg.sizes[task]}",
                  f"mse.steps={cfg.mse_steps[task]}", f"sp.steps={cfg.sp_steps[task]}",
+                 f"mse.decay_steps={scaled_decay(shipped.mse, cfg.mse_steps[task])}",
+                 f"sp.decay_steps={scaled_decay(shipped.sp, cfg.sp_steps[task])}",
                  f"train.checkpoint_every={cfg.checkpoint_every}", "train.sample_every=0", "train.keep_last=1",
                  f"train.stages=['{stage}']"]
     if model != "mse":
