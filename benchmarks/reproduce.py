@@ -374,8 +374,8 @@ def run_dir_of(cfg: Config, task: str, seed: int, model: str) -> Path:
 
 def scaled_decay(stage: StageConfig, steps: int) -> int:
     """The recipe's `decay_steps` for a run of `steps` instead of `stage.steps`: the same share of
-    the run, and none when the warm-up leaves no room (the --quick scale)."""
-    return min(round(stage.decay_steps * steps / stage.steps), max(0, steps - stage.warmup_steps))
+    the run."""
+    return round(stage.decay_steps * steps / stage.steps)
 
 
 def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:

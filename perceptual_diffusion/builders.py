@@ -200,10 +200,10 @@ def build_optimizer(model: torch.nn.Module, cfg) -> tuple[torch.optim.Optimizer,
 
 
 def lr_factor(cfg, step: int) -> float:
-    """The lr of optimizer step `step` (0-based) of a stage, as a fraction of `cfg.lr`."""
-    if cfg.decay_steps and step >= cfg.steps - cfg.decay_steps:
-        return cfg.decay_factor
-    return min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    """The lr of optimizer step `step` (0-based) of a stage, as a fraction of `cfg.lr`: the warm-up
+    ramp, times `decay_factor` in the last `decay_steps` steps (every step of a shorter stage)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return warm * cfg.decay_factor if cfg.decay_steps and step >= cfg.steps - cfg.decay_steps else warm
 
 
 class Conditioner:

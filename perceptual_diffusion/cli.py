@@ -32,7 +32,7 @@ def _quick(recipe) -> None:
     for stage in (recipe.mse, recipe.sp):
         stage.steps = max(10, stage.steps // 10)
         stage.warmup_steps = min(stage.warmup_steps, stage.steps)
-        stage.decay_steps = min(stage.decay_steps // 10, stage.steps - stage.warmup_steps)
+        stage.decay_steps //= 10
     recipe.train.sample_every = recipe.train.checkpoint_every = 0
     recipe.data.num_items = min(recipe.data.num_items, 1024)
 

@@ -97,8 +97,8 @@ class StageConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0            # linear LR warm-up, then constant
-    decay_steps: int = 0             # the stage's last decay_steps steps run at lr * decay_factor (a step
-    decay_factor: float = 0.1        # decay: the annealing a constant lr never gets; 0 = none)
+    decay_steps: int = 0             # the stage's last decay_steps steps (all, if it is shorter) run at
+    decay_factor: float = 0.1        # lr * decay_factor: a step decay, the anneal a constant lr never gets
     grad_clip: float = 1.0           # max grad norm; 0 disables
     ema_decay: float = 0.9995
     ema_warmup: bool = False         # decay min(ema_decay, (1 + n) / (10 + n)) early on
@@ -615,9 +615,6 @@ def _validate_stage(name: str, st: StageConfig) -> None:
         _interval(f"{name}.adam_betas[{i}]", beta, 0, 1, "[0, 1)", low_open=False)
     _at_least(f"{name}.warmup_steps", st.warmup_steps, 0)
     _at_least(f"{name}.decay_steps", st.decay_steps, 0)
-    if st.decay_steps and st.decay_steps + st.warmup_steps > st.steps:
-        raise RecipeError(f"{name}.decay_steps + {name}.warmup_steps must be at most {name}.steps, got "
-                          f"{st.decay_steps} + {st.warmup_steps} > {st.steps}")
     if not 0 < st.decay_factor <= 1:
         raise RecipeError(f"{name}.decay_factor must be in (0, 1], got {st.decay_factor!r}")
     _at_least(f"{name}.grad_clip", st.grad_clip, 0)
