@@ -26,7 +26,6 @@ block after the last requested one runs, nor the final layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -63,9 +62,9 @@ def spectrum(x: Tensor) -> Tensor:
     parts, except that bin 0's imaginary part (always 0) gives its slot to the real Nyquist
     bin L/2. Bins 1..L/2-1 are scaled by sqrt(2), so the map is orthonormal: it keeps sums of
     squares (and so white noise white). Computed in float32 (float64 stays float64)."""
-    n, c, length = x.shape
-    if length % 2:
-        raise ValueError(f"the spectrum front end needs an even L, got L={length}")
+    length = x.shape[-1]
+    if x.ndim != 3 or length % 2:
+        raise ValueError(f"the spectrum front end needs [N x C x L] with an even L, got shape {tuple(x.shape)}")
     h = length // 2
     f = torch.fft.rfft(x if x.dtype == torch.float64 else x.float(), norm="ortho")
     root2 = math.sqrt(2.0)
@@ -76,7 +75,7 @@ def spectrum(x: Tensor) -> Tensor:
 
 def inverse_spectrum(y: Tensor) -> Tensor:
     """The inverse of `spectrum`: [N x 2C x L/2] -> [N x C x L]."""
-    n, c2, h = y.shape
+    c2, h = y.shape[1:]
     if c2 % 2:
         raise ValueError(f"a packed spectrum has an even channel count, got shape {tuple(y.shape)}")
     y = y if y.dtype == torch.float64 else y.float()
@@ -107,7 +106,7 @@ class Spectrum(FrontEnd):
                              f"front end patches L/2 frequency bins); pad or crop L to a multiple of it")
         return spectrum(x)
 
-    def inverse(self, y: Tensor, sizes: Sequence[int]) -> Tensor:
+    def inverse(self, y: Tensor) -> Tensor:
         return inverse_spectrum(y)
 
 

@@ -168,8 +168,8 @@ class FrontEnd(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x
 
-    def inverse(self, y: Tensor, sizes: Sequence[int]) -> Tensor:
-        """The data-space tensor of sizes `sizes` (the input's positional sizes) that `y` stands for."""
+    def inverse(self, y: Tensor) -> Tensor:
+        """The data-space tensor that `y` (the net's output in this front end's space) stands for."""
         return y
 
 
@@ -293,4 +293,4 @@ class DiT(Backbone):
             tap(name, h.unflatten(1, grid))
 
         v = unpatchify(self.final_layer(h, c), cfg.patch_size, self.front_end.channels(self.out_channels), grid)
-        return self.front_end.inverse(v, x_t.shape[2:]).to(x_t.dtype)
+        return self.front_end.inverse(v).to(x_t.dtype)

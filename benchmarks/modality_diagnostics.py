@@ -36,7 +36,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from perceptual_diffusion.builders import build_model, build_schedule  # noqa: E402
+from perceptual_diffusion.builders import build_model, build_schedule, to_data  # noqa: E402
 from perceptual_diffusion.config import load_recipe  # noqa: E402
 from perceptual_diffusion.datasets import build_dataset  # noqa: E402
 from perceptual_diffusion.metrics.moving_shapes import moving_shapes_metrics  # noqa: E402
@@ -222,18 +222,17 @@ def overfit(recipe: Any, x0: Tensor, labels: Tensor, steps: int, metric: Callabl
 
 # ---------------------------------------------------------------- driver
 
-def run(name: str, steps: int, n_real: int, sample_steps: int, repeats: int, overrides: list[str],
-        scale: float = 1.0) -> dict[str, Any]:
+def run(name: str, steps: int, n_real: int, sample_steps: int, repeats: int, overrides: list[str]) -> dict[str, Any]:
     path, batch = RECIPES[name]
     recipe = load_recipe(str(ROOT / path), overrides)
-    ds = build_dataset(recipe.data)
+    ds = build_dataset(recipe.data)  # data units, for (a) and (b)
     idx = range(min(n_real, len(ds)))
     x = torch.stack([ds[i]["x"] for i in idx])
     labels = torch.stack([torch.as_tensor(ds[i]["label"]) for i in idx]).long()
     metric = metric_fn(name, recipe)
-    train_metric = metric
-    if scale != 1.0:  # the model trains on x * scale; its samples are divided back before scoring
-        train_metric = lambda x, labels: metric(x / scale, labels)  # noqa: E731
+    # (c) trains in the model's units (x * data.scale) and scores its samples in data units, as the trainer does
+    scale = recipe.data.scale
+    train_metric = lambda x, labels: metric(to_data(recipe, None, x), labels)  # noqa: E731
     schedule = build_schedule(recipe)
     return {"recipe": path, "preset": recipe.model.preset, "item_shape": list(x.shape[1:]),
             "a_metric_sanity": metric_sanity(name, x, labels, metric),
@@ -286,14 +285,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--only", choices=sorted(RECIPES), action="append", help="run only these recipes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for (c), e.g. model.overrides.patch_size=4 (repeatable)")
-    p.add_argument("--data-scale", type=float, default=1.0,
-                   help="(c) trains on the batch times this factor and scores samples divided by it")
+    p.add_argument("--data-scale", type=float, default=None,
+                   help="the same as --set data.scale=X: (c) trains on the batch times X and scores samples divided "
+                        "by it (default: the recipe's)")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t0 = time.perf_counter()
     results = {"machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "recipes": {name: run(name, args.steps, args.n_real, args.sample_steps, args.repeats,
-                                     args.overrides, args.data_scale)
+                                     args.overrides + ([] if args.data_scale is None else
+                                                       [f"data.scale={args.data_scale}"]))
                            for name in (args.only or RECIPES)}}
     results["wall_seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ def load_model(checkpoint: str | Path, weights: str = "ema", device: str | torch
     ck = load_checkpoint(path)
     key = WEIGHTS_KEY.get(weights, weights)
     if key not in ck.weights:
-        held = ", ".join(next((k for k, v in WEIGHTS_KEY.items() if v == name), name) for name in ck.weights)
+        names = {v: k for k, v in WEIGHTS_KEY.items()}  # checkpoint entry -> the name a user passes
+        held = ", ".join(names.get(name, name) for name in ck.weights)
         raise RecipeError(f"checkpoint {path} has no {weights!r} weights (it has {held})")
     recipe = recipe_from_dict(ck.info.recipe, check_paths=False)
     model = build_model(recipe, pretrained_weights=False)  # the checkpoint holds the weights
