@@ -1,8 +1,8 @@
 """Small-scale reproduction of the paper's Tables 1-8 and Figures 3-5 on data that ships, with
 the matched MSE control of every SP model.
 
-    python benchmarks/reproduce.py --jobs 2        # full scale on 2 cores: ~1.4-2 h (estimate below), resumable
-    python benchmarks/reproduce.py --quick         # pipeline check: all tables, tiny, ~15 min
+    python benchmarks/reproduce.py --jobs 2        # full scale on 2 cores: ~2.3 h (estimate below), resumable
+    python benchmarks/reproduce.py --quick         # pipeline check: all tables, tiny, ~25 min (estimate)
     python benchmarks/reproduce.py --seeds 5 --samples 1000 --scale-steps 2 --tasks digits
     python benchmarks/reproduce.py --tasks circles,digits,digits_uncond,photo_patches,moving_shapes,tones
 
@@ -21,6 +21,12 @@ recipes/image/; "moving_shapes" (video) and "tones" (audio) on request. For ever
 Every SP variant (Tables 2-6, on the conditional digits: ``--ablation-tasks``) is an SP-only run
 from the same base and is compared with the same control. Table 6's "SP model as perceptual
 network" is a second SP round from the default SP run's final checkpoint (its EMA is frozen).
+The artifact tables (``--artifact-tasks``, default every image task) put every SP variant the
+library has (layers mid / encoder / decoder / all, mse_weight 0 / 0.1 / 1, t' uniform / near /
+normal, L_sp / L_sp2) against the control on the task's headline metric, its KID, its grain
+ratio and the high-frequency energy ratio; a last table says per variant and task whether it
+beats the control (the paired 95% interval on the better side of 0) and whether its HF ratio is
+no farther from 1 than the control's, and whether both hold on every task.
 
 Every row is evaluated on the same number of samples from the same initial noise (sampling
 seed 0 for every row and training seed), with EMA weights, DDIM trailing, eta 0. Tables, first
@@ -62,13 +68,17 @@ torch thread per process) with the cores shared by three processes, i.e. about 2
   steps or CFG 45-80 s (the rows of the last full run and a photo_patches row)
   per seed: circles ~650 s (350 s training, 6 rows), digits_uncond ~550 s, photo_patches ~720 s,
   digits ~1700 s (900 s for 11 runs, 21 rows): ~3600 s of process time, 4 seeds ~14,500 s
+  the artifact tables add 27 SP runs and rows per seed (8 on each of circles, digits_uncond and
+  photo_patches, 3 on digits) at ~100 s each (estimated from the step and row times above, not
+  measured yet): ~2,700 s per seed, ~10,800 s for 4 seeds
   audio (tones, 3000 + 300 + 300 steps) ~640 s per seed with its rows, measured 2026-12-03 with
   another run on the other core; video (4500 + 300 + 300 steps) ~1,500-2,000 s per seed estimated
   from its recipe's run (~12,000 s of process time for 4 seeds, about 1.7 h more with --jobs 2)
 Estimated wall time of the default full run (4 image tasks, 4 seeds, every ablation on all 4
-seeds): with --jobs 2 on an otherwise idle 2-core machine each worker has a core (~1.5x the
-speeds above): 14,500 / 1.5 / 2 ~ 4,800 s, about 1.4 h, plus a few minutes of floors, figures and
-tables; on cores as busy as during the measurement ~2.0 h; in one process ~2.7 h. The audio task
+seeds, the artifact tables): with --jobs 2 on an otherwise idle 2-core machine each worker has a
+core (~1.5x the speeds above): 25,300 / 1.5 / 2 ~ 8,400 s, about 2.3 h, plus a few minutes of
+floors, figures and tables (without the artifact tables, ``--artifact-tasks ''``, about 1.4 h); on
+cores as busy as during the measurement ~3.5 h; in one process ~4.7 h. It resumes where it stopped. The audio task
 adds ~0.4 h with --jobs 2, the video task ~1.7 h. Nothing is cut at this scale: 4 seeds for every table, 300
 samples per row (the digits' floor needs 2 x n <= 1,797 real digits; photo_patches' 2 x n <= 4,096
 held-out patches). `--scale-steps 2` doubles every run (2000 + 400 image steps). The digits are
@@ -202,9 +212,17 @@ VARIANTS = {v.name: v for v in (
     Variant("tprime_normal", ("sp.t_prime=normal",)),
     Variant("distance_mae", ("sp.distance=mae",)),
     Variant("formulation_sp2", ("sp.formulation=sp2",)),
+    Variant("layers_all", ("sp.layers=all",)),
+    Variant("mse_weight_0.1", ("sp.mse_weight=0.1",)),  # L_sp + 0.1 x eq. 5 from the same forward
+    Variant("mse_weight_1", ("sp.mse_weight=1",)),
     Variant("sp_repeat", ("sp.perceptual_weights=ema",), parent="sp"),  # Table 6: SP model as f_*
 )}
 ABLATIONS = [v for v in VARIANTS if v not in ("sp", "control")]
+# Issue 11, item 6: every SP variant the library has, on every image task, against the control.
+ARTIFACT_ROWS = [("Midblock, L_sp (the paper's default)", "sp"), ("All encoder layers", "layers_encoder"),
+                 ("All decoder layers", "layers_decoder"), ("Every tap", "layers_all"),
+                 ("+ 0.1 x eq. 5 (mse_weight 0.1)", "mse_weight_0.1"), ("+ eq. 5 (mse_weight 1)", "mse_weight_1"),
+                 ("t' = t ± 40", "tprime_near"), ("t' ~ N(t, 100)", "tprime_normal"), ("L_sp2", "formulation_sp2")]
 
 
 def stage_of(model: str) -> str:
@@ -278,9 +296,10 @@ class Table:
 CONTROL_LABEL = "MSE continued (control)"
 
 
-def plan_tables(tasks: list[str], ablation_tasks: list[str]) -> list[Table]:
-    """Per task the SP-versus-control comparison, then the analogues of the paper's Tables 1-8; every
-    table that holds SP rows holds the matched control too."""
+def plan_tables(tasks: list[str], ablation_tasks: list[str], artifact_tasks: list[str] = ()) -> list[Table]:
+    """Per task the SP-versus-control comparison, then the analogues of the paper's Tables 1-8, then
+    per artifact task every SP variant against the control (issue 11, item 6); every table that
+    holds SP rows holds the matched control too."""
     tables = [Table(f"SP vs its matched control ({name})", name, ["Metric"],
                     [(["MSE base"], Unit(name, "mse")), (["SP"], Unit(name, "sp")),
                      (["Control"], Unit(name, "control"))], kind="paired") for name in tasks]
@@ -334,6 +353,11 @@ def plan_tables(tasks: list[str], ablation_tasks: list[str]) -> list[Table]:
             tables.append(Table(f"Table 8 ({name}): unconditional generation", name, ["Loss"],
                                 [(["MSE"], Unit(name, "mse")), (["SP"], Unit(name, "sp")),
                                  ([CONTROL_LABEL], Unit(name, "control"))]))
+    for name in artifact_tasks:
+        tables.append(Table(f"SP variants and the grain ({name})", name, ["SP variant"],
+                            [(["MSE base"], Unit(name, "mse"))]
+                            + [([label], Unit(name, model)) for label, model in ARTIFACT_ROWS]
+                            + [([CONTROL_LABEL], Unit(name, "control"))], kind="artifact"))
     return tables
 
 
@@ -690,6 +714,85 @@ def render_rows(cfg: Config, t: Table, found: list[list[dict | None]], floor: di
     return lines
 
 
+def artifact_columns(task: Task) -> list[Column]:
+    """What the artifact tables show of a task: its headline metric, its KID (when the headline is
+    another metric), the grain ratio where the task has one, and the high-frequency energy ratio."""
+    head = task.columns[0]
+    extra = [c for c in task.columns[1:] if c.key.endswith("_kid") or c.key == "patches_laplacian_ratio"]
+    return [head, *extra, _HF]
+
+
+def verdict(column: Column, rows: list[float], controls: list[float]) -> str:
+    """"better", "worse" or "tie" of the rows against their paired controls: better (worse) when the
+    95% bootstrap interval of the paired differences lies wholly on the better (worse) side of 0. For
+    a "one" column the difference is in the distance from 1 (|row - 1| - |control - 1|), so "better"
+    means closer to the data. "–" with fewer than two paired seeds."""
+    pairs = [(r, c) for r, c in zip(rows, controls) if math.isfinite(r) and math.isfinite(c)]
+    if len(pairs) < 2:
+        return "–"
+    sign = {"lower": 1.0, "higher": -1.0}
+    if column.better == "one":
+        diffs = [abs(r - 1) - abs(c - 1) for r, c in pairs]
+    else:
+        diffs = [sign[column.better] * (r - c) for r, c in pairs]
+    lo, hi = bootstrap_ci(diffs)
+    return "better" if hi < 0 else "worse" if lo > 0 else "tie"
+
+
+def render_artifact(cfg: Config, t: Table, found: list[list[dict | None]], floor: dict) -> list[str]:
+    """Every SP variant of a task against the control: the artifact columns, then the paired
+    difference from the control of the headline metric and of the high-frequency energy ratio."""
+    task = TASKS[t.task]
+    columns = artifact_columns(task)
+    head = columns[0]
+    control = next(rs for (_, u), rs in zip(t.rows, found) if u.model == "control")
+    headers = (t.label_headers + [c.header for c in columns]
+               + [f"{head.header.split(' ')[0]} − control [95% CI]", "HF ratio − control [95% CI]"])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for (labels, u), rs in zip(t.rows, found):
+        got = [r for r in rs if r is not None]
+        cells = [cell([float(r["eval"][c.key]) for r in got]) for c in columns]
+        cells += (["–", "–"] if u.model == "control" else
+                  [paired_cell(c, _values(rs, c.key), _values(control, c.key)) for c in (head, _HF)])
+        lines.append("| " + " | ".join(labels + cells) + " |")
+    for kind in (k for k in FLOOR_LABELS if k in floor):
+        labels = [f"{FLOOR_LABELS[kind]}, n = {cfg.samples[t.task]}"] + [""] * (len(t.label_headers) - 1)
+        lines.append("| " + " | ".join(labels + [floor_cell(floor[kind], c.key) for c in columns] + ["–", "–"]) + " |")
+    return lines
+
+
+def render_artifact_summary(cfg: Config, tables: list[Table], rows: dict[str, dict]) -> list[str]:
+    """Issue 11, item 6: per SP variant and artifact task, whether it beats the control on the task's
+    headline metric and whether its high-frequency energy ratio is as close to the data's as the
+    control's (the grain removed); then whether both hold on every task."""
+    tables = [t for t in tables if t.kind == "artifact"]
+    if not tables:
+        return []
+    def values(task: str, model: str, key: str) -> list[float]:
+        return _values([rows.get(row_key(cfg, Unit(task, model), s)) for s in cfg.seeds], key)
+
+    head = {t.task: TASKS[t.task].columns[0] for t in tables}
+    headers = ["SP variant"] + [f"{t.task}: {head[t.task].header.split(' ')[0]} / HF" for t in tables] \
+        + ["beats the control, grain removed, on every task"]
+    lines = ["## SP variants against the control on every task (the artifact, issue 11)", "",
+             ("Per task: the variant's headline metric against the control, then its high-frequency energy "
+              "ratio's distance from 1 against the control's; \"better\" / \"worse\" when the 95% bootstrap "
+              "interval of the paired differences over seeds lies wholly on that side of 0, else \"tie\". "
+              "The last column is \"yes\" when the headline is better and the HF ratio is not worse on every "
+              "task. With a handful of seeds the interval undercovers; the per-task tables above give the figures."),
+             "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for label, model in ARTIFACT_ROWS:
+        cells, every = [], True
+        for t in tables:
+            h = verdict(head[t.task], values(t.task, model, head[t.task].key), values(t.task, "control", head[t.task].key))
+            g = verdict(_HF, values(t.task, model, _HF.key), values(t.task, "control", _HF.key))
+            g = {"better": "closer", "worse": "farther"}.get(g, g)
+            cells.append(f"{h} / {g}")
+            every = every and h == "better" and g in ("closer", "tie")
+        lines.append("| " + " | ".join([label] + cells + ["yes" if every else "no"]) + " |")
+    return lines + [""]
+
+
 def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total_s: float,
                   task_floors: dict[str, dict]) -> str:
     intro = (f"Scale `{cfg.label}`: seeds {', '.join(map(str, cfg.seeds))}; cells are mean ± sample std "
@@ -726,9 +829,10 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
                   + f", then SP {cfg.sp_steps[t.task]} steps from the frozen MSE EMA and the control as long"
                   + (f" ({walls} per seed)" if walls else "") + ". 25 DDIM steps unless stated."
                   + (f" {t.note}" if t.note else ""), ""]
-        render = render_paired if t.kind == "paired" else render_rows
+        render = {"paired": render_paired, "artifact": render_artifact}.get(t.kind, render_rows)
         lines += render(cfg, t, found, task_floors.get(t.task, {}))
         lines.append("")
+    lines += render_artifact_summary(cfg, tables, rows)
     lines += ["## Figures", "",
               ("`figures/<task>_samples.png`: rows MSE, the control (MSE continued), SP and (conditional tasks) "
                "MSE + CFG 7.5 rescale 0.7, 25 DDIM steps from the same initial noise, seed-0 models (Figures 3 "
@@ -818,6 +922,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated subset of " + ", ".join(TASKS)
                    + " (default: " + ", ".join(DEFAULT_TASKS) + ")")
     p.add_argument("--ablation-tasks", default="digits", help="tasks of Tables 2-6 (comma-separated; '' for none)")
+    p.add_argument("--artifact-tasks", default="image",
+                   help="tasks of the SP-variant (artifact) tables, every variant against the control (comma-separated; "
+                        "'' for none; default 'image': every image task of --tasks)")
     p.add_argument("--work-dir", help="training runs (default runs/reproduce/<scale>)")
     p.add_argument("--results-dir", help="tables.md, rows.jsonl, floors.json, figures/ (default benchmarks/results; "
                                          "quick: <work-dir>/results)")
@@ -825,12 +932,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-tables", action="store_true", help="train and evaluate only (what --jobs workers do)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
     args = p.parse_args(argv)
-    for opt in ("tasks", "ablation_tasks"):
+    if args.artifact_tasks == "image":
+        args.artifact_tasks = ",".join(t for t in args.tasks.split(",") if t in IMAGE_TASKS)
+    for opt in ("tasks", "ablation_tasks", "artifact_tasks"):
         names = [t for t in getattr(args, opt).split(",") if t]
         bad = [t for t in names if t not in TASKS]
         if bad:
             p.error(f"--{opt.replace('_', '-')}: unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}")
         setattr(args, opt, names)
+    if any(t not in IMAGE_TASKS for t in args.artifact_tasks):
+        p.error(f"--artifact-tasks: the artifact tables measure images' spectra; choose from {', '.join(IMAGE_TASKS)}")
     try:
         args.seed_list = [int(v) for v in args.seed_list.split(",") if v.strip()]
     except ValueError:
@@ -847,7 +958,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def worker_argv(args: argparse.Namespace, cfg: Config, seeds: list[int]) -> list[str]:
     """The command line of one --jobs worker: this run's settings for `seeds`, no figures, no tables."""
     argv = ["--seed-list", ",".join(map(str, seeds)), "--tasks", ",".join(args.tasks),
-            "--ablation-tasks", ",".join(args.ablation_tasks), "--scale-steps", repr(args.scale_steps),
+            "--ablation-tasks", ",".join(args.ablation_tasks), "--artifact-tasks", ",".join(args.artifact_tasks),
+            "--scale-steps", repr(args.scale_steps),
             "--work-dir", str(cfg.work_dir), "--results-dir", str(cfg.results_dir), "--no-figures", "--no-tables"]
     return argv + (["--quick"] if args.quick else []) + (["--samples", str(args.samples)] if args.samples else []) \
         + (["--progress"] if args.progress else [])
@@ -875,7 +987,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)
     cfg.results_dir.mkdir(parents=True, exist_ok=True)
     ablation_tasks = [t for t in args.ablation_tasks if t in args.tasks]
-    tables = plan_tables(args.tasks, ablation_tasks)
+    artifact_tasks = [t for t in args.artifact_tasks if t in args.tasks]
+    tables = plan_tables(args.tasks, ablation_tasks, artifact_tasks)
     if args.jobs > 1:
         code = run_workers(args, cfg)
         if code != 0:

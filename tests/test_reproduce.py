@@ -57,13 +57,118 @@ def test_plan_covers_the_papers_tables():
             assert any(u.model == "control" for _, u in t.rows), t.title
     # every variant on the ablation task, parents before children; only MSE, SP and the control elsewhere
     digits = rp.models_of("digits", tables)
-    assert digits[:3] == ["mse", "sp", "control"] and set(digits) == {"mse", *rp.VARIANTS}
+    extra = {"layers_all", "mse_weight_0.1", "mse_weight_1"}  # the artifact tables' variants (none here)
+    assert digits[:3] == ["mse", "sp", "control"] and set(digits) == {"mse", *rp.VARIANTS} - extra
     assert rp.models_of("circles", tables) == rp.models_of("photo_patches", tables) == ["mse", "sp", "control"]
     assert rp.VARIANTS["sp_repeat"].parent == "sp" and rp.VARIANTS["control"].parent == "mse"
     assert rp.stage_of("control") == "mse" and rp.stage_of("sp_repeat") == "sp"
     assert rp.VARIANTS["layers_encoder+mid"].overrides == ("sp.layers=encoder+mid",)
     assert rp.DEFAULT_TASKS == ["circles", "digits", "digits_uncond", "photo_patches"]
     assert rp.SCALES["full"].seeds >= 4
+
+
+def test_artifact_tables_hold_every_sp_variant_of_the_library_against_the_control():
+    from perceptual_diffusion.config import load_recipe
+
+    rp = _load()
+    tables = rp.plan_tables(rp.IMAGE_TASKS, ["digits"], ["circles", "photo_patches"])
+    art = [t for t in tables if t.kind == "artifact"]
+    assert [t.task for t in art] == ["circles", "photo_patches"] and tables[-2:] == art
+    for t in art:
+        assert [u.model for _, u in t.rows] == ["mse", *(m for _, m in rp.ARTIFACT_ROWS), "control"]
+        assert all((u.steps, u.guidance) == (25, 1.0) for _, u in t.rows)
+        assert set(rp.models_of(t.task, tables)) == {"mse", "control", *(m for _, m in rp.ARTIFACT_ROWS)}
+    # item 6's list: layers mid / encoder / decoder / all, mse_weight 0 / 0.1 / 1, the t' modes, sp / sp2
+    recipe = rp.ROOT / rp.TASKS["circles"].recipe
+    seen = set()
+    for _, model in rp.ARTIFACT_ROWS:
+        v = rp.VARIANTS[model]
+        assert v.stage == "sp" and v.parent == "mse"
+        sp = load_recipe(recipe, list(v.overrides)).sp
+        seen.add((sp.layers, sp.mse_weight, sp.t_prime, sp.formulation))
+    assert {layers for layers, *_ in seen} == {"mid", "encoder", "decoder", "all"}
+    assert {w for _, w, *_ in seen} == {0.0, 0.1, 1.0}
+    assert {t for *_, t, _ in seen} == {"uniform", "near", "normal"} and {f for *_, f in seen} == {"sp", "sp2"}
+    assert len(seen) == len(rp.ARTIFACT_ROWS)  # each row a different setting; all others as the default
+    assert rp.models_of("digits_uncond", tables) == ["mse", "sp", "control"]  # not an artifact task here
+    # photo_patches shows its KID and grain ratio as well as the HF ratio
+    assert [c.key for c in rp.artifact_columns(rp.TASKS["photo_patches"])] == [
+        "patches_kid", "patches_laplacian_ratio", "spectrum_hf_ratio"]
+    assert [c.key for c in rp.artifact_columns(rp.TASKS["digits"])] == [
+        "digits_fid", "digits_kid", "spectrum_hf_ratio"]
+
+
+def test_verdicts_need_the_interval_on_one_side_of_zero():
+    rp = _load()
+    lower, higher, one = rp.Column("fid", "FID ↓"), rp.Column("acc", "acc ↑", "higher"), rp.Column("r", "r", "one")
+    assert rp.verdict(lower, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) == "better"
+    assert rp.verdict(higher, [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]) == "worse"
+    assert rp.verdict(lower, [1.0, 3.0, 2.0, 4.0], [2.0, 2.0, 3.0, 3.0]) == "tie"  # -1, +1, -1, +1
+    # ratios: the distance from 1 counts, not the sign of the difference
+    assert rp.verdict(one, [0.9, 1.05, 1.1], [1.3, 1.4, 0.6]) == "better"
+    assert rp.verdict(one, [1.5, 1.6], [1.0, 0.9]) == "worse"
+    assert rp.verdict(lower, [1.0], [2.0]) == "–"  # one seed: no interval
+    assert rp.verdict(lower, [1.0, float("nan"), 1.0], [2.0, 1.0, float("inf")]) == "–"  # one finite pair
+
+
+def _sections(text: str) -> dict[str, str]:
+    """tables.md by its "## " headings."""
+    return {s.split("\n")[0]: s for s in text.split("## ")[1:]}
+
+
+def test_artifact_tables_and_the_summary_render_the_paired_verdicts(tmp_path):
+    rp = _load()
+    cfg = rp.build_config(rp.parse_args(["--work-dir", str(tmp_path)]))
+    tables = rp.plan_tables(["circles", "digits"], [], ["circles", "digits"])
+    # the headline: control 1, layers_all 0.5 (digits-FID ↓ better; circles' valid ↑ worse), the rest 1.2;
+    # the HF ratio: control 1.3, every variant 1.1 (closer to 1) but formulation_sp2 2.0 (farther)
+    rows = {}
+    for t in tables:
+        for _, u in t.rows:
+            for seed in cfg.seeds:
+                head = {"control": 1.0, "layers_all": 0.5}.get(u.model, 1.2) + seed / 100
+                hf = {"control": 1.3, "formulation_sp2": 2.0}.get(u.model, 1.1) + seed / 100
+                ev = {c.key: head for c in rp.TASKS[u.task].columns} | {"spectrum_hf_ratio": hf}
+                rows[rp.row_key(cfg, u, seed)] = {"eval": ev, "train_wall_s": {"mse": 10.0}, "eval_wall_s": 1.0}
+    floors = {"digits": {"real": {"digits_fid": (3.0, 0.5), "spectrum_hf_ratio": (1.0, 0.02)}}}
+    text = rp.render_tables(cfg, tables, rows, 60.0, floors)
+    sections = _sections(text)
+    digits = sections["SP variants and the grain (digits)"]
+    assert ("| SP variant | digits-FID ↓ | digits-KID ↓ | HF energy ratio (1 = data) | digits-FID − control [95% CI] "
+            "| HF ratio − control [95% CI] |") in digits
+    assert "| Every tap | 0.515 ± 0.013 | 0.515 ± 0.013 | 1.12 ± 0.01 | -0.500 [-0.500, -0.500], 4/4 better | " \
+           "-0.200 [-0.200, -0.200], 4/4 better |" in digits
+    assert "| MSE continued (control) | 1.02 ± 0.01 | 1.02 ± 0.01 | 1.31 ± 0.01 | – | – |" in digits
+    assert "| Real vs real (floor), n = 300 | 3.00 ± 0.50 | – | 1.00 ± 0.02 | – | – |" in digits
+    summary = sections["SP variants against the control on every task (the artifact, issue 11)"]
+    lines = {line.split(" | ")[0][2:]: line for line in summary.splitlines() if line.startswith("| ")}
+    assert lines["SP variant"] == ("| SP variant | circles: valid / HF | digits: digits-FID / HF | beats the control, "
+                                   "grain removed, on every task |")
+    assert lines["Every tap"] == "| Every tap | worse / closer | better / closer | no |"  # circles' valid fell
+    assert lines["L_sp2"] == "| L_sp2 | better / farther | worse / farther | no |"
+    assert lines["Midblock, L_sp (the paper's default)"].endswith("| better / closer | worse / closer | no |")
+    assert len(lines) == 1 + len(rp.ARTIFACT_ROWS)
+    # a variant better on every task's headline and not farther on the HF ratio is a "yes"
+    for t in tables:
+        for _, u in t.rows:
+            if u.model == "layers_all":
+                for seed in cfg.seeds:
+                    better = 1.5 if rp.TASKS[u.task].columns[0].better == "higher" else 0.5
+                    rows[rp.row_key(cfg, u, seed)]["eval"][rp.TASKS[u.task].columns[0].key] = better + seed / 100
+    text = rp.render_tables(cfg, tables, rows, 60.0, floors)
+    assert "| Every tap | better / closer | better / closer | yes |" in text
+    assert rp.render_artifact_summary(cfg, rp.plan_tables(["circles"], []), rows) == []  # no artifact table
+
+
+def test_artifact_tasks_default_to_the_image_tasks_and_refuse_the_others(tmp_path, capsys):
+    rp = _load()
+    assert rp.parse_args([]).artifact_tasks == rp.DEFAULT_TASKS == rp.IMAGE_TASKS
+    assert rp.parse_args(["--tasks", "circles,moving_shapes"]).artifact_tasks == ["circles"]
+    assert rp.parse_args(["--tasks", "tones", "--artifact-tasks", ""]).artifact_tasks == []
+    assert rp.parse_args(["--artifact-tasks", "digits"]).artifact_tasks == ["digits"]
+    with pytest.raises(SystemExit) as e:
+        rp.parse_args(["--artifact-tasks", "tones"])
+    assert e.value.code == 2 and "--artifact-tasks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sp_settings", [
@@ -151,7 +256,7 @@ def test_tables_show_the_control_the_paired_differences_and_the_floors(tmp_path)
                                 "train": {"patches_kid": (0.2, 0.1)}},
               "digits": {"real": {"digits_fid": (3.0, 0.5)}}}
     text = rp.render_tables(cfg, tables, _fake_rows(rp, cfg, tables), 60.0, floors)
-    sections = {s.split("\n")[0]: s for s in text.split("## ")[1:]}
+    sections = _sections(text)
     paired = sections["SP vs its matched control (photo_patches)"]
     assert ("| Metric | Real vs real (floor), n = 300 | Training data vs held-out, n = 300 | MSE base | SP | "
             "Control | SP − control, paired [95% CI] |") in paired
@@ -210,7 +315,8 @@ def _checkpoints(work: Path) -> list[str]:
 def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
     rp = _load()
     work, results = tmp_path / "work", tmp_path / "results"
-    args = ["--quick", "--work-dir", str(work), "--results-dir", str(results), "--tasks", ",".join(rp.IMAGE_TASKS)]
+    args = ["--quick", "--work-dir", str(work), "--results-dir", str(results), "--tasks", ",".join(rp.IMAGE_TASKS),
+            "--artifact-tasks", "circles"]
     t0 = time.time()
     assert rp.main(args) == 0
     first = time.time() - t0
@@ -224,12 +330,12 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
         assert r["train_steps"]["mse"] == 30 and all(v == 15 for k, v in r["train_steps"].items() if k != "mse")
         assert all(w > 0 for w in r["train_wall_s"].values())
         by_unit.setdefault((r["task"], r["variant"], r["steps"], r["guidance"], r["rescale"]), set()).add(r["seed"])
-    tables = rp.plan_tables(rp.IMAGE_TASKS, ["digits"])
+    tables = rp.plan_tables(rp.IMAGE_TASKS, ["digits"], ["circles"])
     wanted = {(u.task, u.model, u.steps, u.guidance, u.rescale) for t in tables for _, u in t.rows}
     assert set(by_unit) == wanted and all(seeds == {0, 1} for seeds in by_unit.values())
     # Table 1: 6 units (circles, digits_uncond, photo_patches) and 8 (digits); 8 more SP runs in
-    # Tables 2-6; the control with CFG and SP at 4 guidance scales in Table 7
-    assert len(rows) == 2 * len(wanted) == 2 * (6 + 8 + 6 + 6 + 8 + 5)
+    # Tables 2-6; the control with CFG and SP at 4 guidance scales in Table 7; 8 SP variants on circles
+    assert len(rows) == 2 * len(wanted) == 2 * (6 + 8 + 6 + 6 + 8 + 5 + 8)
     metric_keys = {"circles": {"valid_fraction", "param_fd", "coverage"},
                    "digits": {"digits_fid", "digits_kid", "digits_kid_se", "digits_is", "label_accuracy"},
                    "digits_uncond": {"digits_fid", "digits_kid", "digits_is"},
@@ -244,7 +350,10 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "AMD" in text or "cores" in text  # the machine line
     assert re.search(r"Training: MSE 30 steps \(\d+ s per seed\), then SP 15 steps", text)
     sections = text.split("## ")[1:-1]  # the last is the figures' legend
-    assert len(sections) == 4 + 4 + 5 + 1 + 3
+    assert len(sections) == 4 + 4 + 5 + 1 + 3 + 1 + 1
+    assert sections[-2].startswith("SP variants and the grain (circles)")
+    summary = sections.pop()  # verdicts, not figures
+    assert summary.startswith("SP variants against the control on every task") and "| Every tap | " in summary
     for sec in sections:
         body = [line for line in sec.splitlines() if line.startswith("| ") and "---" not in line][1:]
         assert body and all(re.search(r"\d ± \d", line) for line in body), sec
@@ -338,6 +447,7 @@ def test_jobs_workers_run_the_same_configuration_on_their_seeds(tmp_path):
     worker = rp.build_config(worker_args)
     assert worker.seeds == [1, 3] and worker_args.jobs == 1 and worker_args.no_tables and worker_args.no_figures
     assert (worker_args.tasks, worker_args.ablation_tasks) == (["circles", "digits"], [])
+    assert worker_args.artifact_tasks == args.artifact_tasks == ["circles", "digits"]
     for name in ("label", "mse_steps", "sp_steps", "samples", "sizes", "work_dir", "results_dir", "checkpoint_every"):
         assert getattr(worker, name) == getattr(cfg, name), name
 
