@@ -1,4 +1,4 @@
-"""Small-scale reproduction of the paper's Tables 1-8 and Figures 3-5 on data that ships, with
+r"""Small-scale reproduction of the paper's Tables 1-8 and Figures 3-5 on data that ships, with
 the matched MSE control of every SP model.
 
     python benchmarks/reproduce.py --jobs 2        # full scale on 2 cores: ~2.3 h (estimate below), resumable
@@ -58,6 +58,16 @@ checkpoint is not retrained, an interrupted one resumes from its latest checkpoi
 already in rows.jsonl (same key, same checkpoint, every column present) is not re-evaluated.
 ``--jobs N`` deals the seeds round-robin to N worker processes (one torch thread each; each is
 the plain command with ``--seed-list``, so resumable alike), then draws the figures and tables.
+
+The SP stage's length and lr (issue 11, item 5) are chosen in a pilot, not on the tables' rows:
+``--sp-steps N`` and ``--sp-lr X`` set every SP run's (and so the control's) steps and lr, and
+``--sample-seed K`` draws the rows from other noise than the tables' seed 0. Runs after the MSE
+base are named by those settings (``sp-steps300-lr0.001``), so candidates given the same
+``--work-dir`` train the bases once and keep their own SP runs and controls, e.g.
+
+    python benchmarks/reproduce.py --jobs 2 --tasks digits_uncond,photo_patches --ablation-tasks '' \
+        --artifact-tasks '' --seeds 2 --sample-seed 1 --sp-steps 300 --sp-lr 1e-3 \
+        --work-dir runs/pilot --results-dir runs/pilot/sp300-lr1e-3
 
 Budget of the full scale (per run: images 1000 MSE + 200 SP or control steps at batch 16 and
 16x16, 300 samples per row, 4 seeds; video 4500 + 300 steps and audio 3000 + 300 steps as their
@@ -384,6 +394,9 @@ class Config:
     work_dir: Path
     results_dir: Path
     progress: bool
+    sp_lr: float = 0.0           # > 0: every SP run's (and so the control's) lr instead of the recipe's
+    sp_suffix: str = ""          # names the SP-stage runs of a non-default SP length or lr (--sp-steps / --sp-lr)
+    sample_seed: int = SAMPLE_SEED
 
 
 class Interrupted(Exception):
@@ -393,7 +406,10 @@ class Interrupted(Exception):
 
 
 def run_dir_of(cfg: Config, task: str, seed: int, model: str) -> Path:
-    return cfg.work_dir / task / f"seed{seed}" / model
+    """<work dir>/<task>/seed<k>/<model>; every run after the MSE base carries `cfg.sp_suffix`, so
+    configurations that differ only in the SP stage's length or lr share one work dir and its bases
+    (the SP-length pilot: one invocation per candidate, the same --work-dir)."""
+    return cfg.work_dir / task / f"seed{seed}" / (model if model == "mse" else model + cfg.sp_suffix)
 
 
 def scaled_decay(stage: StageConfig, steps: int) -> int:
@@ -418,25 +434,12 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
                              f"{steps} steps; use another --work-dir")
         log.info("%s %s seed %d %s: trained already (%d steps)", phase, task, seed, model, steps)
         return final
-    recipe_path = ROOT / TASKS[task].recipe
-    shipped = load_recipe(recipe_path)
-    overrides = [f"seed={seed}", f"name={task}-seed{seed}-{model}", f"data.size={cfg.sizes[task]}",
-                 f"mse.steps={cfg.mse_steps[task]}", f"sp.steps={cfg.sp_steps[task]}",
-                 f"mse.decay_steps={scaled_decay(shipped.mse, cfg.mse_steps[task])}",
-                 f"sp.decay_steps={scaled_decay(shipped.sp, cfg.sp_steps[task])}",
-                 f"train.checkpoint_every={cfg.checkpoint_every}", "train.sample_every=0", "train.keep_last=1",
-                 f"train.stages=['{stage}']"]
+    parent = None
     if model != "mse":
-        variant = VARIANTS[model]
-        parent = final_checkpoint(run_dir_of(cfg, task, seed, variant.parent), stage_of(variant.parent))
+        parent = final_checkpoint(run_dir_of(cfg, task, seed, VARIANTS[model].parent), stage_of(VARIANTS[model].parent))
         if parent is None:  # models_of() orders parents first
-            raise RuntimeError(f"{variant.parent} of {task} seed {seed} has no final checkpoint")
-        start = json.dumps(str(parent.resolve()))
-        if stage == "sp":
-            overrides += [f"sp.init={start}", *variant.overrides]
-        else:  # the control: stage mse with the SP stage's settings, from the checkpoint SP starts from
-            overrides += [*control_overrides(load_recipe(recipe_path, overrides)), f"mse.init={start}"]
-    recipe = load_recipe(recipe_path, overrides)
+            raise RuntimeError(f"{VARIANTS[model].parent} of {task} seed {seed} has no final checkpoint")
+    recipe = load_recipe(ROOT / TASKS[task].recipe, run_overrides(cfg, task, seed, model, parent))
     resume = "latest" if list_checkpoints(run_dir) else None
     log.info("%s %s seed %d %s: %s %d steps at %dx%d%s", phase, task, seed, model, stage.upper(), steps,
              cfg.sizes[task], cfg.sizes[task], " (resuming)" if resume else "")
@@ -450,6 +453,29 @@ def train(cfg: Config, task: str, seed: int, model: str, phase: str) -> Path:
         raise Interrupted(result.interrupted_by)
     log.info("%s %s seed %d %s: done in %.0f s", phase, task, seed, model, info["wall_s"])
     return final_checkpoint(run_dir, stage)
+
+
+def run_overrides(cfg: Config, task: str, seed: int, model: str, parent: Path | None) -> list[str]:
+    """The --set overrides of one run on its task's recipe: the scale's steps and size, one stage,
+    and for a run after the MSE base its start (`parent`, that base's or variant's final checkpoint)
+    with the variant's overrides, or the control's settings copied from [sp]."""
+    recipe_path = ROOT / TASKS[task].recipe
+    shipped = load_recipe(recipe_path)
+    stage = stage_of(model)
+    overrides = [f"seed={seed}", f"name={task}-seed{seed}-{model}", f"data.size={cfg.sizes[task]}",
+                 f"mse.steps={cfg.mse_steps[task]}", f"sp.steps={cfg.sp_steps[task]}",
+                 f"mse.decay_steps={scaled_decay(shipped.mse, cfg.mse_steps[task])}",
+                 f"sp.decay_steps={scaled_decay(shipped.sp, cfg.sp_steps[task])}",
+                 f"train.checkpoint_every={cfg.checkpoint_every}", "train.sample_every=0", "train.keep_last=1",
+                 f"train.stages=['{stage}']"]
+    if model != "mse":  # the base is the same whatever the SP stage: configurations share it
+        overrides += [f"sp.lr={cfg.sp_lr!r}"] if cfg.sp_lr else []
+        start = json.dumps(str(parent.resolve()))
+        if stage == "sp":
+            overrides += [f"sp.init={start}", *VARIANTS[model].overrides]
+        else:  # the control: stage mse with the SP stage's settings, from the checkpoint SP starts from
+            overrides += [*control_overrides(load_recipe(recipe_path, overrides)), f"mse.init={start}"]
+    return overrides
 
 
 def lineage(cfg: Config, task: str, seed: int, model: str) -> tuple[dict, dict]:
@@ -496,7 +522,7 @@ def evaluate_row(cfg: Config, u: Unit, seed: int, checkpoint: Path, rows: dict[s
     t0 = time.time()
     loaded = load_model(checkpoint)
     ev = evaluate(loaded, list(TASKS[u.task].metrics), n=n, steps=u.steps, guidance=u.guidance,
-                  rescale=u.rescale, seed=SAMPLE_SEED, batch_size=128 if size <= 16 else 64)
+                  rescale=u.rescale, seed=cfg.sample_seed, batch_size=128 if size <= 16 else 64)
     steps, wall = lineage(cfg, u.task, seed, u.model)
     row = {"key": key, "scale": cfg.label, "task": u.task, "variant": u.model, "seed": seed,
            "steps": u.steps, "nfe": u.nfe, "guidance": u.guidance, "rescale": u.rescale, "samples": n,
@@ -797,7 +823,7 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
                   task_floors: dict[str, dict]) -> str:
     intro = (f"Scale `{cfg.label}`: seeds {', '.join(map(str, cfg.seeds))}; cells are mean ± sample std "
              "over training seeds. Every row: EMA weights, DDIM (trailing, eta 0), the same initial noise "
-             f"(sampling seed {SAMPLE_SEED}); conditional rows cycle the 10 labels. Wall time of the work "
+             f"(sampling seed {cfg.sample_seed}); conditional rows cycle the 10 labels. Wall time of the work "
              f"these tables hold (training + evaluation): {total_s / 60:.1f} min.")
     control = ("The control (\"MSE continued\") is stage mse continued from the same MSE checkpoint SP starts "
                "from, from the same (EMA) weights, with the SP stage's steps, batch, lr, warm-up, grad clip, EMA "
@@ -826,7 +852,8 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
                   f"{t.task} {task.shape_text(cfg.sizes[t.task])}, {cfg.samples[t.task]} samples per row. "
                   f"Training: MSE {cfg.mse_steps[t.task]} steps"
                   + (f" ({mse_wall:.0f} s per seed)" if mse_wall is not None else "")
-                  + f", then SP {cfg.sp_steps[t.task]} steps from the frozen MSE EMA and the control as long"
+                  + f", then SP {cfg.sp_steps[t.task]} steps" + (f" at lr {cfg.sp_lr:g}" if cfg.sp_lr else "")
+                  + " from the frozen MSE EMA and the control as long"
                   + (f" ({walls} per seed)" if walls else "") + ". 25 DDIM steps unless stated."
                   + (f" {t.note}" if t.note else ""), ""]
         render = {"paired": render_paired, "artifact": render_artifact}.get(t.kind, render_rows)
@@ -866,19 +893,19 @@ def figures(cfg: Config, task: str, seed: int, n: int = 10, n_traj: int = 3, col
     kind = TASKS[task].modality
     if kind != "image":  # MSE clips then SP clips from the same noise; no trajectory figure
         n = 4
-        both = torch.cat([generate(m, n, 25, seed=SAMPLE_SEED).samples for m in (mse, sp)])
+        both = torch.cat([generate(m, n, 25, seed=cfg.sample_seed).samples for m in (mse, sp)])
         return save_samples(both, out / f"{task}_samples.png", kind, nrow=n, scale=3 if kind == "video" else 2,
                             sample_rate=mse.recipe.data.sample_rate)  # audio: a row of MSE, a row of SP
     control = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "control"), "mse"))
-    rows = [generate(m, n, 25, seed=SAMPLE_SEED).samples for m in (mse, control, sp)]
+    rows = [generate(m, n, 25, seed=cfg.sample_seed).samples for m in (mse, control, sp)]
     if TASKS[task].conditional:
-        rows.append(generate(mse, n, 25, *CFG_MSE, seed=SAMPLE_SEED).samples)
+        rows.append(generate(mse, n, 25, *CFG_MSE, seed=cfg.sample_seed).samples)
     scale = 3 if cfg.sizes[task] <= 16 else 2
     paths = [save_grid(torch.cat(rows), out / f"{task}_samples.png", nrow=n, scale=scale)]
 
     r = mse.recipe
     noise = torch.randn(n_traj, r.data.channels, r.data.size, r.data.size,
-                        generator=torch.Generator().manual_seed(SAMPLE_SEED))
+                        generator=torch.Generator().manual_seed(cfg.sample_seed))
     cond = torch.arange(n_traj) % 10 if TASKS[task].conditional else None
     schedule = build_schedule(r)
     steps = 25
@@ -895,16 +922,20 @@ def build_config(args: argparse.Namespace) -> Config:
     scale_name = "quick" if args.quick else "full"
     scale = SCALES[scale_name]
     tasks = list(TASKS)
-    label = scale_name + (f"-steps{args.scale_steps:g}" if args.scale_steps != 1 else "")
+    sp_suffix = "".join([f"-steps{args.sp_steps}" if args.sp_steps else "", f"-lr{args.sp_lr:g}" if args.sp_lr else ""])
+    label = (scale_name + (f"-steps{args.scale_steps:g}" if args.scale_steps != 1 else "")
+             + (f"-sp{args.sp_steps}" if args.sp_steps else "") + (f"-splr{args.sp_lr:g}" if args.sp_lr else "")
+             + (f"-noise{args.sample_seed}" if args.sample_seed != SAMPLE_SEED else ""))
     mse_steps = {t: max(1, round(scale.mse_steps[t] * args.scale_steps)) for t in tasks}
-    sp_steps = {t: max(1, round(scale.sp_steps[t] * args.scale_steps)) for t in tasks}
+    sp_steps = {t: args.sp_steps or max(1, round(scale.sp_steps[t] * args.scale_steps)) for t in tasks}
     samples = {t: args.samples or scale.samples[t] for t in tasks}
     work_dir = Path(args.work_dir or ROOT / "runs" / "reproduce" / label)
     results_dir = Path(args.results_dir or (work_dir / "results" if args.quick else ROOT / "benchmarks" / "results"))
     return Config(label=label, mse_steps=mse_steps, sp_steps=sp_steps, samples=samples, sizes=dict(scale.sizes),
                   seeds=args.seed_list or list(range(args.seeds or scale.seeds)),
                   checkpoint_every=scale.checkpoint_every,
-                  work_dir=work_dir, results_dir=results_dir, progress=args.progress)
+                  work_dir=work_dir, results_dir=results_dir, progress=args.progress,
+                  sp_lr=args.sp_lr, sp_suffix=sp_suffix, sample_seed=args.sample_seed)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -919,6 +950,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                        "figures and tables (use 2 on 2 cores)")
     p.add_argument("--samples", type=int, default=0, help="samples per row for every task")
     p.add_argument("--scale-steps", type=float, default=1.0, help="multiply every run's training steps")
+    p.add_argument("--sp-steps", type=int, default=0, help="steps of every SP run and control instead of the scale's "
+                                                           "(the SP-length pilot; runs named apart, bases shared)")
+    p.add_argument("--sp-lr", type=float, default=0.0, help="lr of every SP run and control instead of the recipe's")
+    p.add_argument("--sample-seed", type=int, default=SAMPLE_SEED,
+                   help=f"the initial noise of every row (default {SAMPLE_SEED}, the tables'; a pilot uses another "
+                        "so that nothing is tuned on the tables' samples)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated subset of " + ", ".join(TASKS)
                    + " (default: " + ", ".join(DEFAULT_TASKS) + ")")
     p.add_argument("--ablation-tasks", default="digits", help="tasks of Tables 2-6 (comma-separated; '' for none)")
@@ -950,6 +987,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--seed-list seeds must be >= 0")
     if args.seeds < 0 or args.samples < 0 or args.scale_steps <= 0 or args.jobs < 1:
         p.error("--seeds and --samples must be >= 1, --jobs >= 1 and --scale-steps > 0")
+    if args.sp_steps < 0 or args.sp_lr < 0 or args.sample_seed < 0:
+        p.error("--sp-steps, --sp-lr and --sample-seed must be >= 0")
     if args.samples == 1:
         p.error("--samples must be >= 2 (the metrics need a spread)")
     return args
@@ -959,7 +998,8 @@ def worker_argv(args: argparse.Namespace, cfg: Config, seeds: list[int]) -> list
     """The command line of one --jobs worker: this run's settings for `seeds`, no figures, no tables."""
     argv = ["--seed-list", ",".join(map(str, seeds)), "--tasks", ",".join(args.tasks),
             "--ablation-tasks", ",".join(args.ablation_tasks), "--artifact-tasks", ",".join(args.artifact_tasks),
-            "--scale-steps", repr(args.scale_steps),
+            "--scale-steps", repr(args.scale_steps), "--sp-steps", str(args.sp_steps), "--sp-lr", repr(args.sp_lr),
+            "--sample-seed", str(args.sample_seed),
             "--work-dir", str(cfg.work_dir), "--results-dir", str(cfg.results_dir), "--no-figures", "--no-tables"]
     return argv + (["--quick"] if args.quick else []) + (["--samples", str(args.samples)] if args.samples else []) \
         + (["--progress"] if args.progress else [])

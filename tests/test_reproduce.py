@@ -438,17 +438,51 @@ def test_seed_list_picks_the_training_seeds(tmp_path):
         rp.parse_args(["--jobs", "0"])
 
 
+def test_sp_length_and_lr_name_their_runs_apart_and_share_the_bases(tmp_path):
+    from perceptual_diffusion.config import load_recipe
+
+    rp = _load()
+    default = rp.build_config(rp.parse_args(["--work-dir", str(tmp_path)]))
+    pilot = rp.build_config(rp.parse_args(["--work-dir", str(tmp_path), "--sp-steps", "300", "--sp-lr", "1e-3",
+                                           "--sample-seed", "1"]))
+    assert (default.label, pilot.label) == ("full", "full-sp300-splr0.001-noise1")
+    assert set(pilot.sp_steps.values()) == {300} and pilot.mse_steps == default.mse_steps
+    assert pilot.sample_seed == 1 and default.sample_seed == rp.SAMPLE_SEED == 0
+    # the MSE base is one run for both; SP, its variants and the control are named by the SP setting
+    assert rp.run_dir_of(pilot, "digits", 2, "mse") == rp.run_dir_of(default, "digits", 2, "mse") \
+        == tmp_path / "digits" / "seed2" / "mse"
+    assert rp.run_dir_of(default, "digits", 2, "sp") == tmp_path / "digits" / "seed2" / "sp"
+    for model in ("sp", "control", "layers_all"):
+        assert rp.run_dir_of(pilot, "digits", 2, model).name == f"{model}-steps300-lr0.001"
+    assert rp.row_key(pilot, rp.Unit("digits", "mse"), 0) != rp.row_key(default, rp.Unit("digits", "mse"), 0)
+    # the lr reaches SP and, through the copied [sp] settings, the control; never the base
+    recipe = rp.ROOT / rp.TASKS["digits"].recipe
+    got = {m: load_recipe(recipe, rp.run_overrides(pilot, "digits", 2, m, None if m == "mse" else tmp_path))
+           for m in ("mse", "sp", "control")}
+    assert got["sp"].sp.lr == got["control"].mse.lr == 1e-3 and got["sp"].sp.steps == got["control"].mse.steps == 300
+    assert got["control"].mse.init == got["sp"].sp.init == str(tmp_path.resolve())
+    shipped = load_recipe(recipe)
+    assert got["mse"].sp.lr == shipped.sp.lr and got["mse"].mse == load_recipe(
+        recipe, rp.run_overrides(default, "digits", 2, "mse", None)).mse
+    assert load_recipe(recipe, rp.run_overrides(default, "digits", 2, "sp", tmp_path)).sp.lr == shipped.sp.lr
+    for bad in (["--sp-steps", "-1"], ["--sp-lr", "-1e-4"], ["--sample-seed", "-2"]):
+        with pytest.raises(SystemExit):
+            rp.parse_args(bad)
+
+
 def test_jobs_workers_run_the_same_configuration_on_their_seeds(tmp_path):
     rp = _load()
     args = rp.parse_args(["--quick", "--jobs", "2", "--samples", "12", "--tasks", "circles,digits",
-                          "--ablation-tasks", "", "--scale-steps", "0.5", "--work-dir", str(tmp_path)])
+                          "--ablation-tasks", "", "--scale-steps", "0.5", "--work-dir", str(tmp_path),
+                          "--sp-steps", "7", "--sp-lr", "2e-4", "--sample-seed", "3"])
     cfg = rp.build_config(args)
     worker_args = rp.parse_args(rp.worker_argv(args, cfg, [1, 3]))
     worker = rp.build_config(worker_args)
     assert worker.seeds == [1, 3] and worker_args.jobs == 1 and worker_args.no_tables and worker_args.no_figures
     assert (worker_args.tasks, worker_args.ablation_tasks) == (["circles", "digits"], [])
     assert worker_args.artifact_tasks == args.artifact_tasks == ["circles", "digits"]
-    for name in ("label", "mse_steps", "sp_steps", "samples", "sizes", "work_dir", "results_dir", "checkpoint_every"):
+    for name in ("label", "mse_steps", "sp_steps", "samples", "sizes", "work_dir", "results_dir", "checkpoint_every",
+                 "sp_lr", "sp_suffix", "sample_seed"):
         assert getattr(worker, name) == getattr(cfg, name), name
 
 
