@@ -400,7 +400,7 @@ def test_interrupted_training_resumes_from_its_latest_checkpoint(tmp_path, monke
 
     rp = _load()
     work, results = tmp_path / "work", tmp_path / "results"
-    args = ["--quick", "--tasks", "circles", "--seeds", "1", "--samples", "8", "--no-figures",
+    args = ["--quick", "--tasks", "circles", "--artifact-tasks", "", "--seeds", "1", "--samples", "8", "--no-figures",
             "--work-dir", str(work), "--results-dir", str(results)]
     run = rp.Trainer.run
     monkeypatch.setattr(rp.Trainer, "run", lambda self, stop_after=None: run(self, stop_after=10))  # a preemption
