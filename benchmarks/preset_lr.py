@@ -9,7 +9,9 @@ Each lr is one `perceptual-diffusion train RECIPE --set 'train.stages=["mse"]'` 
 the lr, the warm-up and the steps given, a constant lr after the warm-up (``mse.decay_steps=0``: the
 harsher test; a recipe's anneal would hide a late spike), ``train.divergence=warn`` (a spike is
 reported and the run goes on, so its whole curve is seen) and everything else as the recipe ships.
-Runs that finished already are read, not retrained (delete the run directory to redo one).
+Runs that finished already are read, not retrained (delete the run directory to redo one); a run
+that was stopped resumes from its latest checkpoint (every ``--checkpoint-every`` steps), so a long
+sweep can span several sessions.
 
 Per run the table gives the seconds per step, the loss at the end (the mean of the last tenth of the
 logged losses), the validation v-MSE at the end and its minimum, the guard's statistic at its peak
@@ -61,7 +63,8 @@ def guard_peak(losses: list[float], start: int = 0) -> float:
 def summarise(run_dir: Path, warmup: int, factor: float) -> dict:
     """The figures of one finished run, from its metrics.jsonl and train.log."""
     logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    logs = [r for r in logs if r.get("stage") == "mse" and "loss" in r]
+    by_step = {r["step"]: r for r in logs if r.get("stage") == "mse" and "loss" in r}  # a resume logs its steps again
+    logs = [by_step[k] for k in sorted(by_step)]
     if not logs:
         raise ValueError(f"{run_dir}: no stage-mse losses in metrics.jsonl")
     losses = [float(r["loss"]) for r in logs]
@@ -73,7 +76,9 @@ def summarise(run_dir: Path, warmup: int, factor: float) -> dict:
     warned = log.exists() and WARNED in log.read_text()
     peak = guard_peak(losses, start)
     finite = all(map(math.isfinite, losses))
-    first, last = logs[min(1, len(logs) - 1)], logs[-1]  # from the second log: start-up is not a step
+    # elapsed_s restarts at a resume: time the last uninterrupted stretch, from its second log (start-up is not a step)
+    cut = max((i for i in range(1, len(logs)) if logs[i]["elapsed_s"] < logs[i - 1]["elapsed_s"]), default=0)
+    first, last = logs[min(cut + 1, len(logs) - 1)], logs[-1]
     per_step = ((last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"]) if last is not first
                 else last["elapsed_s"] / last["step"])
     return {"steps": last["step"], "s_per_step": per_step,
@@ -83,19 +88,21 @@ def summarise(run_dir: Path, warmup: int, factor: float) -> dict:
 
 
 def train_one(recipe: Path, run_dir: Path, preset: str, lr: float, warmup: int, steps: int, extra: list[str],
-              threads: int) -> float:
-    """One stage-mse run through the CLI; its wall seconds (0 when it had finished already)."""
+              threads: int, checkpoint_every: int) -> float:
+    """One stage-mse run through the CLI, or the rest of a stopped one; its wall seconds (0 when it
+    had finished already)."""
     if (run_dir / "summary.json").exists():
         return 0.0
     sets = [f"model.preset={preset}", f"mse.lr={lr!r}", f"mse.warmup_steps={warmup}", f"mse.steps={steps}",
             "mse.decay_steps=0", "train.stages=['mse']", "train.divergence=warn", "train.sample_every=0",
-            "train.checkpoint_every=0", *extra]
+            f"train.checkpoint_every={checkpoint_every}", "train.keep_last=1", *extra]
+    resume = ["--resume", "latest"] if any((run_dir / "checkpoints").glob("step-*")) else []
     cmd = [sys.executable, "-m", "perceptual_diffusion.cli", "train", str(recipe), "--out", str(run_dir),
-           "--no-progress"] + [a for s in sets for a in ("--set", s)]
+           "--no-progress", *resume] + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(run_dir / "train.log", "w") as log:
+    with open(run_dir / "train.log", "a") as log:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if code != 0:
         raise RuntimeError(f"{run_dir}: training exited with status {code}; see {run_dir / 'train.log'}")
@@ -124,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (a stopped run "
+                                                                      "resumes from its latest)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each on cpu_count / jobs torch threads")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -134,8 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--lr must be comma-separated numbers, got {args.lr!r}")
     if not args.lrs or any(v <= 0 for v in args.lrs):
         p.error("--lr needs one or more learning rates > 0")
-    if args.steps < 1 or args.warmup < 0 or args.jobs < 1:
-        p.error("--steps >= 1, --warmup >= 0 and --jobs >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.jobs < 1 or args.checkpoint_every < 0:
+        p.error("--steps >= 1, --warmup >= 0, --jobs >= 1 and --checkpoint-every >= 0")
     try:
         recipe = load_recipe(args.recipe, [f"model.preset={args.preset}", *args.set])
     except (OSError, ValueError) as e:
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     dirs = {lr: args.out / f"lr{lr:g}" for lr in args.lrs}
     with ThreadPoolExecutor(args.jobs) as pool:
         walls = list(pool.map(lambda lr: train_one(args.recipe, dirs[lr], args.preset, lr, args.warmup, args.steps,
-                                                   args.set, threads), args.lrs))
+                                                   args.set, threads, args.checkpoint_every), args.lrs))
     rows = [{"lr": lr, "wall_s": w, **summarise(dirs[lr], args.warmup, args.factor)} for lr, w in zip(args.lrs, walls)]
     text = render(args, rows)
     (args.out / "table.md").write_text(text)

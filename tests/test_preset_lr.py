@@ -80,3 +80,25 @@ def test_two_learning_rates_side_by_side(tmp_path, capsys):
             pl.parse_args(["recipes/image/circles.toml", "--out", str(out), *bad])
     with pytest.raises(SystemExit):
         pl.parse_args(["recipes/image/circles.toml", "--out", str(out), "--preset", "huge"])
+
+
+def test_a_stopped_run_resumes_from_its_latest_checkpoint(tmp_path):
+    import shutil
+
+    pl = _load()
+    out = tmp_path / "out"
+    argv = ["recipes/image/circles.toml", "--preset", "tiny", "--lr", "1e-3", "--warmup", "0", "--set", "data.size=16",
+            "--set", "train.log_every=5", "--set", "mse.batch_size=4", "--checkpoint-every", "10", "--steps", "20",
+            "--out", str(out)]
+    assert pl.main(argv) == 0
+    run = out / "lr0.001"
+    first = json.loads((out / "runs.json").read_text())[0]
+    # as if stopped after step 17: the step-10 checkpoint is the latest, steps 15 (and 20) were logged
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-0000020")
+    assert pl.main(argv) == 0
+    raw = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert raw == [5, 10, 15, 20, 15, 20]  # the resumed part logs its steps again, after the first part's
+    (got,) = json.loads((out / "runs.json").read_text())
+    assert got["steps"] == 20 and got["wall_s"] > 0 and 0 < got["s_per_step"] < 5
+    assert got["final_loss"] == pytest.approx(first["final_loss"], rel=1e-4)  # exact resume: the same last loss
