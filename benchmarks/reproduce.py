@@ -61,12 +61,13 @@ the plain command with ``--seed-list``, so resumable alike), then draws the figu
 
 The SP stage's length and lr (issue 11, item 5) are chosen in a pilot, not on the tables' rows:
 ``--sp-steps N`` and ``--sp-lr X`` set every SP run's (and so the control's) steps and lr, and
-``--sample-seed K`` draws the rows from other noise than the tables' seed 0. Runs after the MSE
-base are named by those settings (``sp-steps300-lr0.001``), so candidates given the same
-``--work-dir`` train the bases once and keep their own SP runs and controls, e.g.
+``--sample-seed K`` draws the rows from other noise than the tables' seed 0; training seeds the
+tables do not use (``--seed-list 10,11``) keep the pilot's models apart from the tables' too. Runs
+after the MSE base are named by those settings (``sp-steps300-lr0.001``), so candidates given the
+same ``--work-dir`` train the bases once and keep their own SP runs and controls, e.g.
 
     python benchmarks/reproduce.py --jobs 2 --tasks digits_uncond,photo_patches --ablation-tasks '' \
-        --artifact-tasks '' --seeds 2 --sample-seed 1 --sp-steps 300 --sp-lr 1e-3 \
+        --artifact-tasks '' --seed-list 10,11 --sample-seed 1 --sp-steps 300 --sp-lr 1e-3 \
         --work-dir runs/pilot --results-dir runs/pilot/sp300-lr1e-3
 
 Budget of the full scale (per run: images 1000 MSE + 200 SP or control steps at batch 16 and
