@@ -809,14 +809,16 @@ def render_artifact_summary(cfg: Config, tables: list[Table], rows: dict[str, di
               "task. With a handful of seeds the interval undercovers; the per-task tables above give the figures."),
              "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for label, model in ARTIFACT_ROWS:
-        cells, every = [], True
+        cells, every, missing = [], True, False
         for t in tables:
             h = verdict(head[t.task], values(t.task, model, head[t.task].key), values(t.task, "control", head[t.task].key))
             g = verdict(_HF, values(t.task, model, _HF.key), values(t.task, "control", _HF.key))
             g = {"better": "closer", "worse": "farther"}.get(g, g)
             cells.append(f"{h} / {g}")
             every = every and h == "better" and g in ("closer", "tie")
-        lines.append("| " + " | ".join([label] + cells + ["yes" if every else "no"]) + " |")
+            missing = missing or "–" in (h, g)
+        answer = "yes" if every else "– (too few seeds)" if missing else "no"  # a "no" needs every task measured
+        lines.append("| " + " | ".join([label] + cells + [answer]) + " |")
     return lines + [""]
 
 

@@ -158,6 +158,11 @@ def test_artifact_tables_and_the_summary_render_the_paired_verdicts(tmp_path):
     text = rp.render_tables(cfg, tables, rows, 60.0, floors)
     assert "| Every tap | better / closer | better / closer | yes |" in text
     assert rp.render_artifact_summary(cfg, rp.plan_tables(["circles"], []), rows) == []  # no artifact table
+    # a variant not measured on a task yet (fewer than two seeds) gets no verdict there, and no answer
+    for seed in cfg.seeds[1:]:
+        del rows[rp.row_key(cfg, rp.Unit("circles", "tprime_near"), seed)]
+    text = rp.render_tables(cfg, tables, rows, 60.0, floors)
+    assert "| t' = t ± 40 | – / – | worse / closer | – (too few seeds) |" in text
 
 
 def test_artifact_tasks_default_to_the_image_tasks_and_refuse_the_others(tmp_path, capsys):
