@@ -42,9 +42,9 @@ from sp_step import cpu_name  # noqa: E402
 
 from backbones import BACKBONE_SPECS  # noqa: E402
 from perceptual_diffusion.config import load_recipe  # noqa: E402
+from perceptual_diffusion.guards import WARN_SUFFIX as WARNED  # noqa: E402  (the trainer's spike warning ends so)
 
 LOG_WINDOW = 5  # logged losses per median (5 x log_every steps)
-WARNED = "training on (train.divergence = 'warn')"  # the trainer's warning, in the run's train.log
 
 
 def guard_peak(losses: list[float], start: int = 0) -> float:

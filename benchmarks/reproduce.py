@@ -734,9 +734,16 @@ def render_rows(cfg: Config, t: Table, found: list[list[dict | None]], floor: di
             cells.append("–" if ref is None or u.model == "control"
                          else paired_cell(head, _values(rs, head.key), _values(ref, head.key)))
         lines.append("| " + " | ".join(labels + cells) + " |")
+    return lines + floor_lines(cfg, t, floor, task.columns, 1 if controls else 0)
+
+
+def floor_lines(cfg: Config, t: Table, floor: dict, columns, dashes: int) -> list[str]:
+    """The table's floor rows: per kind of floor, its label and each column's floor, then `dashes`
+    empty difference cells."""
+    lines = []
     for kind in (k for k in FLOOR_LABELS if k in floor):
         labels = [f"{FLOOR_LABELS[kind]}, n = {cfg.samples[t.task]}"] + [""] * (len(t.label_headers) - 1)
-        cells = [floor_cell(floor[kind], c.key) for c in task.columns] + (["–"] if controls else [])
+        cells = [floor_cell(floor[kind], c.key) for c in columns] + ["–"] * dashes
         lines.append("| " + " | ".join(labels + cells) + " |")
     return lines
 
@@ -782,10 +789,7 @@ def render_artifact(cfg: Config, t: Table, found: list[list[dict | None]], floor
         cells += (["–", "–"] if u.model == "control" else
                   [paired_cell(c, _values(rs, c.key), _values(control, c.key)) for c in (head, _HF)])
         lines.append("| " + " | ".join(labels + cells) + " |")
-    for kind in (k for k in FLOOR_LABELS if k in floor):
-        labels = [f"{FLOOR_LABELS[kind]}, n = {cfg.samples[t.task]}"] + [""] * (len(t.label_headers) - 1)
-        lines.append("| " + " | ".join(labels + [floor_cell(floor[kind], c.key) for c in columns] + ["–", "–"]) + " |")
-    return lines
+    return lines + floor_lines(cfg, t, floor, columns, 2)
 
 
 def render_artifact_summary(cfg: Config, tables: list[Table], rows: dict[str, dict]) -> list[str]:

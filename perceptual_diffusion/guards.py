@@ -20,7 +20,9 @@ import torch
 from .checkpoint import checkpoint_before, list_checkpoints, read_meta
 
 __all__ = ["NonFiniteError", "DivergenceError", "DivergenceGuard", "PerceptualCheckError", "check_perceptual",
-           "spike_report"]
+           "spike_report", "WARN_SUFFIX"]
+
+WARN_SUFFIX = "training on (train.divergence = 'warn')"  # ends the one warning of a spike under "warn"
 
 
 class NonFiniteError(RuntimeError):

@@ -38,7 +38,7 @@ from .datasets.loader import ResumableBatchSampler
 from .ema import EMA
 from .engines import make_accelerator, make_engine
 from .guards import (DivergenceError, DivergenceGuard, NonFiniteError, PerceptualCheckError, check_perceptual,
-                     spike_report)
+                     spike_report, WARN_SUFFIX)
 from .reporting import MetricsLog, Previews, param_digest, warn_recipe_changes, write_summary
 from .stage import StageResult, StageState, TrainResult
 from .validation import ValidationBatch
@@ -300,7 +300,7 @@ class Trainer:
                 message, report = spike_report(self.run_dir, st.name, step, st.offset, st.guard, st.grad_norm)
                 if t.divergence == "stop":
                     raise DivergenceError(message, report)
-                log.warning("%s; training on (train.divergence = 'warn')", message)
+                log.warning("%s; %s", message, WARN_SUFFIX)
         st.step = step
 
     def _after_step(self, st: StageState, stop_after: int | None) -> bool:
