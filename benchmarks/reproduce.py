@@ -70,6 +70,8 @@ same ``--work-dir`` train the bases once and keep their own SP runs and controls
         --artifact-tasks '' --seed-list 10,11 --sample-seed 1 --sp-steps 300 --sp-lr 1e-3 \
         --work-dir runs/pilot --results-dir runs/pilot/sp300-lr1e-3
 
+and ``benchmarks/sp_pilot.py`` reads the candidates back and applies the rule that picks one.
+
 Budget of the full scale (per run: images 1000 MSE + 200 SP or control steps at batch 16 and
 16x16, 300 samples per row, 4 seeds; video 4500 + 300 steps and audio 3000 + 300 steps as their
 recipes, 100 and 200 clips per row). Measured on 2 CPU cores (AMD EPYC, torch 2.9 CPU, tiny presets, one

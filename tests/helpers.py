@@ -1,10 +1,11 @@
 """Small rank-generic denoisers for tests of the objectives (any of 1-D, 2-D, 3-D data), the kit's
 way to give zero-initialised layers signal, what the backbone tests share (`perturbed`, `tiny_net`,
-`noisy_inputs`, `check_v_like_x`, `check_early_exit`), and a launcher for tests that run 2
-processes through `accelerate launch`."""
+`noisy_inputs`, `check_v_like_x`, `check_early_exit`), a launcher for tests that run 2
+processes through `accelerate launch`, and `load_benchmark` for the scripts under benchmarks/."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,19 @@ from torch import nn
 
 from perceptual_diffusion.denoiser import TappedDenoiser
 from perceptual_diffusion.testing import randomise_zero_init  # noqa: F401  (the tests' and benchmarks' import)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as module `name`, executed afresh and registered in sys.modules
+    (dataclasses resolve their annotations through it; scripts import one another by name)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 

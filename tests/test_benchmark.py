@@ -1,19 +1,14 @@
 """benchmarks/sp_step.py end to end on the tiny preset (memory is deterministic; times are not)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("sp_step", ROOT / "benchmarks" / "sp_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sp_step")
 
 
 def test_sp_step_benchmark_reports_all_variants(tmp_path, capsys):
@@ -55,9 +50,7 @@ def test_sd21_reduced_keeps_the_sd21_layout():
 def test_modality_diagnostics_on_tones_end_to_end(tmp_path):
     """benchmarks/modality_diagnostics.py (issue 14's evidence) at a few steps: real tones score 1.0
     on their metric, loud noise breaks them, the exact batch denoiser's samples are the batch."""
-    spec = importlib.util.spec_from_file_location("diag", ROOT / "benchmarks" / "modality_diagnostics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("modality_diagnostics")
     result = module.main(["--out", str(tmp_path), "--steps", "2", "--only", "tones", "--n-real", "16",
                           "--repeats", "1", "--sample-steps", "5", "--data-scale", "2"])
     assert json.loads((tmp_path / "diagnostics.json").read_text())["recipes"].keys() == {"tones"}

@@ -5,7 +5,6 @@ one image) plus the exit-2 errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -27,15 +26,13 @@ from sd_tiny import tiny_pipeline, tiny_scheduler
 from perceptual_diffusion.metrics.fid import RunningStats, inception_score
 from perceptual_diffusion.metrics.inception import InceptionV3FID
 
+from helpers import load_benchmark
+
 
 def _load():
     if "coco_eval" in sys.modules:
         return sys.modules["coco_eval"]
-    spec = importlib.util.spec_from_file_location("coco_eval", ROOT / "benchmarks" / "coco_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["coco_eval"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("coco_eval")
 
 
 ce = _load()

@@ -1,23 +1,16 @@
 """benchmarks/preset_lr.py: the guard statistic on known curves, the summary of a run with a spike,
 and two short real runs side by side."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("preset_lr", ROOT / "benchmarks" / "preset_lr.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["preset_lr"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("preset_lr")
 
 
 def test_guard_peak_is_the_median_over_its_running_minimum():

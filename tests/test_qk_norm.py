@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from backbones import BACKBONES, build_backbone
 from backbones.layers import MultiHeadAttention, QKNorm
 
+from helpers import ROOT, load_benchmark
+
 OWN = [name for name in BACKBONES if name != "diffusers_unet"]
 
 
@@ -53,22 +55,16 @@ def test_the_default_presets_normalise_queries_and_keys_and_the_tiny_ones_do_not
 def test_the_logit_probe_matches_the_bound_and_sees_qk_norm(tmp_path):
     """benchmarks/attention_logits.py on two 2-step runs: with QKNorm at init (unit scales) every
     layer's largest logit is at most sqrt(head_dim); the probe reads each checkpoint."""
-    import importlib.util
-    from pathlib import Path
-
     from perceptual_diffusion.config import load_recipe
     from perceptual_diffusion.trainer import Trainer
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("attention_logits", root / "benchmarks" / "attention_logits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("attention_logits")
     sets = ["data.size=16", "data.num_items=32", "train.stages=['mse']", "mse.steps=2", "mse.batch_size=2",
             "mse.lr=1e-12", "train.checkpoint_every=1", "train.sample_every=0", "train.num_samples=1",
             "train.sample_steps=1", "train.validation_size=0"]
     for qk in (True, False):
         run = tmp_path / str(qk)
-        Trainer(load_recipe(root / "recipes/image/circles.toml", [*sets, f"model.overrides.qk_norm={str(qk).lower()}"]),
+        Trainer(load_recipe(ROOT / "recipes/image/circles.toml", [*sets, f"model.overrides.qk_norm={str(qk).lower()}"]),
                 run, progress=False).run()
         rows = module.probe(run, n=4)
         assert [r["step"] for r in rows] == [1, 2] and all(r["vmse_t0-100"] > 0 for r in rows)

@@ -2,25 +2,21 @@
 interval, the cell format and the tables with the control and the floors (fast), and --quick end
 to end with a resume that re-trains and re-evaluates nothing (slow)."""
 
-import importlib.util
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("reproduce")
 
 
 def test_plan_covers_the_papers_tables():
