@@ -25,7 +25,8 @@ issue's own suggestion: the lr the MSE stage ended at, for 30% of its steps). re
 with the divergence guard on "stop", so a run that finished had no loss spike.
 
 The sample metrics of each candidate (the task's headline metric and the high-frequency energy
-ratio, SP against its matched control) and the control's own val_sp at the end are shown beside;
+ratio, SP against its matched control), the control's own val_sp at the end and SP's training
+loss (L_sp on the training batches, the thirds' medians of its logged means) are shown beside;
 they play no part in the choice.
 """
 
@@ -158,21 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     fallback = parse_candidates(args.fallback)[0][:2] if args.fallback else None
     root = args.results_root or args.work_dir
     lines = ["| SP steps | SP lr | task | SP's val_sp per seed: thirds' medians, fall and late fall ± SE "
-             "| converged | val_sp at the end, SP / control | SP − control, headline [95% CI] | HF ratio SP / control |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| converged | val_sp at the end, SP / control | SP's training loss, thirds' medians | SP − control, headline [95% CI] | HF ratio SP / control |",
+             "|---|---|---|---|---|---|---|---|---|"]
     chosen = None
     for steps, lr, written in sorted(candidates, key=lambda c: (c[0] * c[1], c[0])):
         ok = True
         rows = read_rows(root / f"sp{steps}-lr{written}" / "rows.jsonl")
         for task in tasks:
-            runs = {m: [convergence(read_metrics(args.work_dir / task / f"seed{s}" / f"{m}{suffix(steps, lr)}"
-                                                 / "metrics.jsonl"), steps) for s in seeds] for m in ("sp", "control")}
+            records = {m: [read_metrics(args.work_dir / task / f"seed{s}" / f"{m}{suffix(steps, lr)}" / "metrics.jsonl")
+                           for s in seeds] for m in ("sp", "control")}
+            runs = {m: [convergence(r, steps) for r in records[m]] for m in records}
+            train = "; ".join(" → ".join(f"{v:.4g}" for v in convergence(r, steps, key="loss").medians)
+                              for r in records["sp"])
             conv = all(c.converged(args.late_fraction) for c in runs["sp"])
             ok &= conv
             end = " / ".join(f"{statistics.fmean(c.medians[2] for c in runs[m]):.4g}" for m in ("sp", "control"))
             delta, hf_sp, hf_ctl = sample_cells(rows, task, seeds)
             lines.append(f"| {steps} | {lr:g} | {task} | {'; '.join(c.text(args.late_fraction) for c in runs['sp'])} | "
-                         f"{'yes' if conv else 'no'} | {end} | {TASKS[task].columns[0].header}: {delta} | "
+                         f"{'yes' if conv else 'no'} | {end} | {train} | {TASKS[task].columns[0].header}: {delta} | "
                          f"{hf_sp} / {hf_ctl} |")
         if ok and chosen is None:
             chosen = (steps, lr)
