@@ -259,21 +259,22 @@ def control_overrides(recipe: Recipe) -> list[str]:
 class Scale:
     mse_steps: dict[str, int]    # per task
     sp_steps: dict[str, int]     # per SP run (and control) of a task
+    sp_lr: dict[str, float]      # their lr per task; 0: the recipe's [sp] lr
     samples: dict[str, int]      # per row of a task
     sizes: dict[str, int]        # images are size x size
     seeds: int
     checkpoint_every: int
 
 
-def _per_task(image: int, video: int, audio: int) -> dict[str, int]:
+def _per_task(image: float, video: float, audio: float) -> dict[str, float]:
     """One value per task: `image` for the image tasks, `video` for moving_shapes, `audio` for tones."""
     return {name: {"image": image, "video": video, "audio": audio}[t.modality] for name, t in TASKS.items()}
 
 
 SCALES = {
     "full": Scale(mse_steps=_per_task(1000, 4500, 3000), sp_steps=_per_task(200, 300, 300),
-                  samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=4, checkpoint_every=250),
-    "quick": Scale(mse_steps=_per_task(30, 30, 30), sp_steps=_per_task(15, 15, 15),
+                  sp_lr=_per_task(0, 0, 0), samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=4, checkpoint_every=250),
+    "quick": Scale(mse_steps=_per_task(30, 30, 30), sp_steps=_per_task(15, 15, 15), sp_lr=_per_task(0, 0, 0),
                    samples=_per_task(40, 24, 24), sizes=_per_task(16, 16, 16), seeds=2, checkpoint_every=0),
 }
 
@@ -397,7 +398,7 @@ class Config:
     work_dir: Path
     results_dir: Path
     progress: bool
-    sp_lr: float = 0.0           # > 0: every SP run's (and so the control's) lr instead of the recipe's
+    sp_lr: dict[str, float] = field(default_factory=dict)  # per task, > 0: the SP runs' (and controls') lr, not the recipe's
     sp_suffix: str = ""          # names the SP-stage runs of a non-default SP length or lr (--sp-steps / --sp-lr)
     sample_seed: int = SAMPLE_SEED
 
@@ -472,7 +473,7 @@ def run_overrides(cfg: Config, task: str, seed: int, model: str, parent: Path | 
                  f"train.checkpoint_every={cfg.checkpoint_every}", "train.sample_every=0", "train.keep_last=1",
                  f"train.stages=['{stage}']"]
     if model != "mse":  # the base is the same whatever the SP stage: configurations share it
-        overrides += [f"sp.lr={cfg.sp_lr!r}"] if cfg.sp_lr else []
+        overrides += [f"sp.lr={cfg.sp_lr[task]!r}"] if cfg.sp_lr.get(task) else []
         start = json.dumps(str(parent.resolve()))
         if stage == "sp":
             overrides += [f"sp.init={start}", *VARIANTS[model].overrides]
@@ -861,7 +862,7 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
                   f"{t.task} {task.shape_text(cfg.sizes[t.task])}, {cfg.samples[t.task]} samples per row. "
                   f"Training: MSE {cfg.mse_steps[t.task]} steps"
                   + (f" ({mse_wall:.0f} s per seed)" if mse_wall is not None else "")
-                  + f", then SP {cfg.sp_steps[t.task]} steps" + (f" at lr {cfg.sp_lr:g}" if cfg.sp_lr else "")
+                  + f", then SP {cfg.sp_steps[t.task]} steps" + (f" at lr {cfg.sp_lr[t.task]:g}" if cfg.sp_lr.get(t.task) else "")
                   + " from the frozen MSE EMA and the control as long"
                   + (f" ({walls} per seed)" if walls else "") + ". 25 DDIM steps unless stated."
                   + (f" {t.note}" if t.note else ""), ""]
@@ -937,6 +938,7 @@ def build_config(args: argparse.Namespace) -> Config:
              + (f"-noise{args.sample_seed}" if args.sample_seed != SAMPLE_SEED else ""))
     mse_steps = {t: max(1, round(scale.mse_steps[t] * args.scale_steps)) for t in tasks}
     sp_steps = {t: args.sp_steps or max(1, round(scale.sp_steps[t] * args.scale_steps)) for t in tasks}
+    sp_lr = {t: args.sp_lr or scale.sp_lr[t] for t in tasks}
     samples = {t: args.samples or scale.samples[t] for t in tasks}
     work_dir = Path(args.work_dir or ROOT / "runs" / "reproduce" / label)
     results_dir = Path(args.results_dir or (work_dir / "results" if args.quick else ROOT / "benchmarks" / "results"))
@@ -944,7 +946,7 @@ def build_config(args: argparse.Namespace) -> Config:
                   seeds=args.seed_list or list(range(args.seeds or scale.seeds)),
                   checkpoint_every=scale.checkpoint_every,
                   work_dir=work_dir, results_dir=results_dir, progress=args.progress,
-                  sp_lr=args.sp_lr, sp_suffix=sp_suffix, sample_seed=args.sample_seed)
+                  sp_lr=sp_lr, sp_suffix=sp_suffix, sample_seed=args.sample_seed)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -448,6 +448,7 @@ def test_sp_length_and_lr_name_their_runs_apart_and_share_the_bases(tmp_path):
                                            "--sample-seed", "1"]))
     assert (default.label, pilot.label) == ("full", "full-sp300-splr0.001-noise1")
     assert set(pilot.sp_steps.values()) == {300} and pilot.mse_steps == default.mse_steps
+    assert set(pilot.sp_lr.values()) == {1e-3} and default.sp_lr == rp.SCALES["full"].sp_lr
     assert pilot.sample_seed == 1 and default.sample_seed == rp.SAMPLE_SEED == 0
     # the MSE base is one run for both; SP, its variants and the control are named by the SP setting
     assert rp.run_dir_of(pilot, "digits", 2, "mse") == rp.run_dir_of(default, "digits", 2, "mse") \
@@ -465,7 +466,8 @@ def test_sp_length_and_lr_name_their_runs_apart_and_share_the_bases(tmp_path):
     shipped = load_recipe(recipe)
     assert got["mse"].sp.lr == shipped.sp.lr and got["mse"].mse == load_recipe(
         recipe, rp.run_overrides(default, "digits", 2, "mse", None)).mse
-    assert load_recipe(recipe, rp.run_overrides(default, "digits", 2, "sp", tmp_path)).sp.lr == shipped.sp.lr
+    assert load_recipe(recipe, rp.run_overrides(default, "digits", 2, "sp", tmp_path)).sp.lr == (
+        default.sp_lr["digits"] or shipped.sp.lr)
     for bad in (["--sp-steps", "-1"], ["--sp-lr", "-1e-4"], ["--sample-seed", "-2"]):
         with pytest.raises(SystemExit):
             rp.parse_args(bad)
