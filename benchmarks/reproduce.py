@@ -72,7 +72,11 @@ same ``--work-dir`` train the bases once and keep their own SP runs and controls
 
 and ``benchmarks/sp_pilot.py`` reads the candidates back and applies the rule that picks one.
 
-Budget of the full scale (per run: images 1000 MSE + 200 SP or control steps at batch 16 and
+The pilot's choice (RESULTS.md, "SP length pilot") is the full scale's: every SP run and control
+of an image task is 300 steps (30% of stage mse) at lr 1e-3 (the lr stage mse ends at), not the
+recipes' [sp] 400 steps at 1e-4; video and audio keep their recipes' SP lr.
+
+Budget of the full scale (per run: images 1000 MSE + 300 SP or control steps at batch 16 and
 16x16, 300 samples per row, 4 seeds; video 4500 + 300 steps and audio 3000 + 300 steps as their
 recipes, 100 and 200 clips per row). Measured on 2 CPU cores (AMD EPYC, torch 2.9 CPU, tiny presets, one
 torch thread per process) with the cores shared by three processes, i.e. about 2/3 of a core each:
@@ -90,11 +94,13 @@ torch thread per process) with the cores shared by three processes, i.e. about 2
 Estimated wall time of the default full run (4 image tasks, 4 seeds, every ablation on all 4
 seeds, the artifact tables): with --jobs 2 on an otherwise idle 2-core machine each worker has a
 core (~1.5x the speeds above): 25,300 / 1.5 / 2 ~ 8,400 s, about 2.3 h, plus a few minutes of
-floors, figures and tables (without the artifact tables, ``--artifact-tasks ''``, about 1.4 h); on
+floors, figures and tables (without the artifact tables, ``--artifact-tasks ''``, about 1.4 h).
+Those figures were measured with 200-step SP runs; at 300 steps the SP runs' and controls'
+training is 1.5x longer, about 20% more in all: ~2.8 h; on
 cores as busy as during the measurement ~3.5 h; in one process ~4.7 h. It resumes where it stopped. The audio task
 adds ~0.4 h with --jobs 2, the video task ~1.7 h. Nothing is cut at this scale: 4 seeds for every table, 300
 samples per row (the digits' floor needs 2 x n <= 1,797 real digits; photo_patches' 2 x n <= 4,096
-held-out patches). `--scale-steps 2` doubles every run (2000 + 400 image steps). The digits are
+held-out patches). `--scale-steps 2` doubles every run (2000 + 600 image steps). The digits are
 8x8 images upsampled, so 16x16 loses nothing. Circles at 16x16: the disk detector passes 99% of
 real disks there (all at 32x32), so the circles rows compare models with each other (the floor
 row shows the real disks' scores).
@@ -272,8 +278,8 @@ def _per_task(image: float, video: float, audio: float) -> dict[str, float]:
 
 
 SCALES = {
-    "full": Scale(mse_steps=_per_task(1000, 4500, 3000), sp_steps=_per_task(200, 300, 300),
-                  sp_lr=_per_task(0, 0, 0), samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=4, checkpoint_every=250),
+    "full": Scale(mse_steps=_per_task(1000, 4500, 3000), sp_steps=_per_task(300, 300, 300),
+                  sp_lr=_per_task(1e-3, 0, 0), samples=_per_task(300, 100, 200), sizes=_per_task(16, 16, 16), seeds=4, checkpoint_every=250),
     "quick": Scale(mse_steps=_per_task(30, 30, 30), sp_steps=_per_task(15, 15, 15), sp_lr=_per_task(0, 0, 0),
                    samples=_per_task(40, 24, 24), sizes=_per_task(16, 16, 16), seeds=2, checkpoint_every=0),
 }
