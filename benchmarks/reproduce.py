@@ -876,6 +876,8 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
         lines += render(cfg, t, found, task_floors.get(t.task, {}))
         lines.append("")
     lines += render_artifact_summary(cfg, tables, rows)
+    if not any((cfg.results_dir / "figures").glob("*.png")):  # --no-figures: no legend for pictures not drawn
+        return "\n".join(lines)
     lines += ["## Figures", "",
               ("`figures/<task>_samples.png`: rows MSE, the control (MSE continued), SP and (conditional tasks) "
                "MSE + CFG 7.5 rescale 0.7, 25 DDIM steps from the same initial noise, seed-0 models (Figures 3 "

@@ -114,7 +114,7 @@ def _sections(text: str) -> dict[str, str]:
 
 def test_artifact_tables_and_the_summary_render_the_paired_verdicts(tmp_path):
     rp = _load()
-    cfg = rp.build_config(rp.parse_args(["--work-dir", str(tmp_path)]))
+    cfg = rp.build_config(rp.parse_args(["--work-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")]))
     tables = rp.plan_tables(["circles", "digits"], [], ["circles", "digits"])
     # the headline: control 1, layers_all 0.5 (digits-FID ↓ better; circles' valid ↑ worse), the rest 1.2;
     # the HF ratio: control 1.3, every variant 1.1 (closer to 1) but formulation_sp2 2.0 (farther)
@@ -159,6 +159,11 @@ def test_artifact_tables_and_the_summary_render_the_paired_verdicts(tmp_path):
         del rows[rp.row_key(cfg, rp.Unit("circles", "tprime_near"), seed)]
     text = rp.render_tables(cfg, tables, rows, 60.0, floors)
     assert "| t' = t ± 40 | – / – | worse / closer | – (too few seeds) |" in text
+    # the figures' legend only where figures were drawn (not with --no-figures)
+    assert "## Figures" not in text
+    (cfg.results_dir / "figures").mkdir(parents=True)
+    (cfg.results_dir / "figures" / "circles_samples.png").write_bytes(b"")
+    assert "## Figures" in rp.render_tables(cfg, tables, rows, 60.0, floors)
 
 
 def test_artifact_tasks_default_to_the_image_tasks_and_refuse_the_others(tmp_path, capsys):
