@@ -1,7 +1,7 @@
 r"""Small-scale reproduction of the paper's Tables 1-8 and Figures 3-5 on data that ships, with
 the matched MSE control of every SP model.
 
-    python benchmarks/reproduce.py --jobs 2        # full scale on 2 cores: ~2.3 h (estimate below), resumable
+    python benchmarks/reproduce.py --jobs 2        # full scale on 2 cores: ~2.8 h (estimate below), resumable
     python benchmarks/reproduce.py --quick         # pipeline check: all tables, tiny, ~25 min (estimate)
     python benchmarks/reproduce.py --seeds 5 --samples 1000 --scale-steps 2 --tasks digits
     python benchmarks/reproduce.py --tasks circles,digits,digits_uncond,photo_patches,moving_shapes,tones
@@ -30,7 +30,9 @@ no farther from 1 than the control's, and whether both hold on every task.
 
 Every row is evaluated on the same number of samples from the same initial noise (sampling
 seed 0 for every row and training seed), with EMA weights, DDIM trailing, eta 0. Tables, first
-per task "SP vs its matched control": per metric the real-versus-real floor, the MSE base, SP
+the verdicts (`render_verdicts`: per task, SP, the control, SP - control with its interval, the
+headline metric's floor, and "SP better" / "SP worse" / "not resolved", flagged when the
+difference is under the floor's std), then per task "SP vs its matched control": per metric the real-versus-real floor, the MSE base, SP
 and the control (mean +- sample std over seeds) and SP - control paired by seed, with the 95%
 percentile-bootstrap interval of its mean (`bootstrap_ci`: 10,000 resamples of the seeds, RNG
 seed 0) and the number of seeds in which SP is better. Then Table 1 (MSE / SP / control at 25
@@ -835,6 +837,49 @@ def render_artifact_summary(cfg: Config, tables: list[Table], rows: dict[str, di
     return lines + [""]
 
 
+VERDICT_TEXT = {"better": "SP better", "worse": "SP worse", "tie": "not resolved", "–": "– (too few seeds)"}
+
+
+def render_verdicts(cfg: Config, tables: list[Table], rows: dict[str, dict], task_floors: dict[str, dict]) -> list[str]:
+    """Issue 11, item 8: per task with an SP-vs-control table, whether SP beats its matched control on
+    the task's headline metric (`verdict`: the paired 95% interval wholly on one side of 0), by how
+    much, beside the metric's real-vs-real floor; a mean difference smaller than the floor's std is
+    flagged as inside the metric's sampling noise whatever the interval says."""
+    tasks = [t.task for t in tables if t.kind == "paired"]
+    if not tasks:
+        return []
+    lines = ["## Does SP beat its matched control? (per task, the headline metric)", "",
+             ("SP − control is paired by training seed (same start, steps, lr, batch, EMA and sampling noise); "
+              "\"SP better\" / \"SP worse\" when its 95% bootstrap interval lies wholly on that side of 0, "
+              "else \"not resolved\". The floor is the metric between two disjoint real sets of the rows' "
+              "sample count (mean ± std); a difference whose size is under the floor's std is marked as "
+              "inside it. The HF energy ratio (1 = the data's) shows the grain."), "",
+             "| task | metric | MSE base | SP | control | SP − control [95% CI] | floor (real vs real) | verdict "
+             "| HF ratio SP / control |", "|---|---|---|---|---|---|---|---|---|"]
+    def got(task: str, model: str, key: str) -> list[float]:
+        found = [rows.get(row_key(cfg, Unit(task, model), s)) for s in cfg.seeds]
+        return [float(r["eval"].get(key, math.nan)) if r is not None else math.nan for r in found]
+
+    def mean_text(values: list[float]) -> str:
+        finite = [v for v in values if math.isfinite(v)]
+        return f"{statistics.fmean(finite):.2f}" if finite else "–"
+
+    for task in tasks:
+        head = TASKS[task].columns[0]
+        values = {m: got(task, m, head.key) for m in ("mse", "sp", "control")}
+        floor = task_floors.get(task, {}).get("real", {})
+        said = VERDICT_TEXT[verdict(head, values["sp"], values["control"])]
+        pairs = [r - c for r, c in zip(values["sp"], values["control"]) if math.isfinite(r) and math.isfinite(c)]
+        if pairs and head.key in floor and abs(statistics.fmean(pairs)) < floor[head.key][1]:
+            said += " (inside the floor's std)"
+        hf_text = " / ".join(mean_text(got(task, m, _HF.key)) for m in ("sp", "control"))
+        lines.append("| " + " | ".join([task, head.header] + [cell([v for v in values[m] if math.isfinite(v)])
+                                                                for m in ("mse", "sp", "control")]
+                                       + [paired_cell(head, values["sp"], values["control"]),
+                                          floor_cell(floor, head.key), said, hf_text]) + " |")
+    return lines + [""]
+
+
 def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total_s: float,
                   task_floors: dict[str, dict]) -> str:
     intro = (f"Scale `{cfg.label}`: seeds {', '.join(map(str, cfg.seeds))}; cells are mean ± sample std "
@@ -857,6 +902,7 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
                "patches measured as a model row is.")
     lines = ["# Small-scale reproduction of the paper's tables", "", f"Machine: {machine()}.", "", intro, "",
              control, ""]
+    lines += render_verdicts(cfg, tables, rows, task_floors)
     for t in tables:
         task = TASKS[t.task]
         found = [[rows.get(row_key(cfg, u, s)) for s in cfg.seeds] for _, u in t.rows]

@@ -518,3 +518,28 @@ def test_quick_reproduction_of_the_video_and_audio_rows(tmp_path):
     assert (figures / "tones_samples.wav").stat().st_size > 8 * 2048 * 2  # 8 clips of 16-bit samples
     assert Image.open(figures / "tones_samples.png").mode == "RGB"
 
+
+
+def test_verdicts_say_per_task_whether_sp_beats_its_control(tmp_path):
+    rp = _load()
+    cfg = rp.build_config(rp.parse_args(["--work-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")]))
+    tables = rp.plan_tables(["circles", "digits", "photo_patches", "moving_shapes"], [], [])
+    rows = _fake_rows(rp, cfg, tables)  # SP 0.5, control 1 (+ seed / 100) on every metric
+    for seed in cfg.seeds:  # photo_patches: SP 0.02 above the control in seed 0 and 1, below in 2 and 3
+        rows[rp.row_key(cfg, rp.Unit("photo_patches", "sp"), seed)]["eval"]["patches_kid"] = \
+            1.0 + seed / 100 + (0.02 if seed < 2 else -0.01)
+    floors = {"digits": {"real": {"digits_fid": (3.0, 0.05)}}, "photo_patches": {"real": {"patches_kid": (0.0, 0.1)}}}
+    lines = {line.split(" | ")[0][2:]: line for line in rp.render_verdicts(cfg, tables, rows, floors)
+             if line.startswith("| ")}
+    # circles' valid fraction ↑: SP's 0.5 below the control's 1 in every seed is worse; no floor given
+    assert lines["circles"].startswith("| circles | valid ↑ | 2.01 ± 0.01 | 0.515 ± 0.013 | 1.02 ± 0.01 | "
+                                       "-0.500 [-0.500, -0.500], 0/4 better | – | SP worse |")
+    # digits-FID ↓: better, and the difference is far outside the floor's std
+    assert "| -0.500 [-0.500, -0.500], 4/4 better | 3.00 ± 0.05 | SP better | 0.52 / 1.02 |" in lines["digits"]
+    # a mixed sign is not resolved, and +0.005 is inside the floor's std of 0.1
+    assert "| not resolved (inside the floor's std) |" in lines["photo_patches"]
+    assert lines["moving_shapes"].endswith("| SP worse | – / – |")  # video rows have no spectrum
+    # with one seed there is no verdict
+    one = rp.build_config(rp.parse_args(["--work-dir", str(tmp_path), "--seed-list", "0"]))
+    assert "| – (too few seeds) |" in "\n".join(rp.render_verdicts(one, tables, rows, floors))
+    assert rp.render_verdicts(cfg, rp.plan_tables(["digits"], ["digits"], [])[1:], rows, floors) == []
