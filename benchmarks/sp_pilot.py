@@ -134,7 +134,7 @@ def parse_candidates(text: str) -> list[tuple[int, float, str]]:
             steps, lr = item.split(":")
             out.append((int(steps), float(lr), lr))
         except ValueError:
-            raise SystemExit(f"error: --candidates wants STEPS:LR[,STEPS:LR...], got {item!r}") from None
+            raise ValueError(f"want STEPS:LR[,STEPS:LR...], got {item!r}") from None
     return out
 
 
@@ -152,11 +152,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--late-fraction", type=float, default=LATE_FRACTION)
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
-    candidates = parse_candidates(args.candidates)
-    tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
+    try:
+        candidates = parse_candidates(args.candidates)
+        fallback = parse_candidates(args.fallback)[0][:2] if args.fallback else None
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as e:
+        p.error(str(e))
+    tasks = args.tasks.split(",")
     if unknown := [t for t in tasks if t not in TASKS]:
         p.error(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
-    fallback = parse_candidates(args.fallback)[0][:2] if args.fallback else None
+    try:
+        text = judge(args, candidates, fallback, tasks, seeds)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+def judge(args: argparse.Namespace, candidates: list[tuple[int, float, str]], fallback: tuple[int, float] | None,
+          tasks: list[str], seeds: list[int]) -> str:
+    """The pilot's table and its choice, as markdown."""
     root = args.results_root or args.work_dir
     lines = ["| SP steps | SP lr | task | SP's val_sp per seed: thirds' medians, fall and late fall ± SE "
              "| converged | val_sp at the end, SP / control | SP's training loss, thirds' medians | SP − control, headline [95% CI] | HF ratio SP / control |",
@@ -188,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("No candidate's SP runs all converged, so the pilot cannot tell the lengths apart; "
                      + (f"the fallback is used: {fallback[0]} steps at lr {fallback[1]:g}." if fallback
                         else "no --fallback was given."))
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

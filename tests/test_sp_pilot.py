@@ -105,10 +105,16 @@ def test_main_falls_back_when_nothing_converged(tmp_path, capsys):
     assert "the fallback is used: 300 steps at lr 0.001." in capsys.readouterr().out
     assert sp.main(args) == 0
     assert "no --fallback was given" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="STEPS:LR"):
-        sp.main(args[:3] + ["300-1e-3"] + args[4:])
-    with pytest.raises(FileNotFoundError, match="has the candidate been trained"):
-        sp.main(args[:3] + ["200:1e-3"] + args[4:])
+    # bad input: one line and exit status 2
+    for bad, said in ((args[:3] + ["300-1e-3"] + args[4:], "want STEPS:LR"),
+                      (args[:3] + ["200:1e-3"] + args[4:], "has the candidate been trained"),
+                      (args + ["--fallback", "x"], "want STEPS:LR"),
+                      (args[:5] + ["nope"] + args[6:], "unknown task"),
+                      (args[:7] + ["10,a"], "invalid literal")):
+        with pytest.raises(SystemExit) as exit_info:
+            sp.main(bad)
+        assert exit_info.value.code == 2
+        assert said in capsys.readouterr().err
 
 
 def test_sample_cells_pair_sp_with_its_control(tmp_path):
