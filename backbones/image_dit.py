@@ -50,6 +50,9 @@ class ImageDiT(DiT):
     """
 
     POSITIONAL_DIMS: ClassVar[int] = 2
+    # digits_dit.toml's stage mse, 1000 steps at a constant lr after the warm-up, no spike
+    # (benchmarks/results/preset_lr/dit_*; RESULTS.md, "Divergence")
+    RECOMMENDED_LR: ClassVar[dict[str, tuple[float, int]]] = {"tiny": (1e-3, 50), "default": (3e-4, 200)}
     PRESETS: ClassVar[dict[str, ImageDiTConfig]] = {
         # 16x16 gray digits on a CPU: 64 tokens of width 64
         "tiny": ImageDiTConfig(in_channels=1, hidden_dim=64, depth=6, num_heads=4, qk_norm=False),
