@@ -112,6 +112,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -708,6 +709,13 @@ def _values(rows: list[dict | None], key: str) -> list[float]:
     return [float(r["eval"][key]) if r is not None else math.nan for r in rows]
 
 
+def seed_values(cfg: Config, rows: dict[str, dict], task: str, model: str, key: str) -> list[float]:
+    """`key` of the default row (25 steps, no guidance) of `model` on `task`, one value per seed of
+    `cfg` (nan where the row, or the metric in it, is missing)."""
+    found = [rows.get(row_key(cfg, Unit(task, model), s)) for s in cfg.seeds]
+    return [float(r["eval"].get(key, math.nan)) if r is not None else math.nan for r in found]
+
+
 def render_paired(cfg: Config, t: Table, found: list[list[dict | None]], floor: dict) -> list[str]:
     """One line per metric: the floors, MSE base, SP, control (mean ± std over seeds) and SP − control
     paired over seeds with its bootstrap interval."""
@@ -810,9 +818,6 @@ def render_artifact_summary(cfg: Config, tables: list[Table], rows: dict[str, di
     tables = [t for t in tables if t.kind == "artifact"]
     if not tables:
         return []
-    def values(task: str, model: str, key: str) -> list[float]:
-        return _values([rows.get(row_key(cfg, Unit(task, model), s)) for s in cfg.seeds], key)
-
     head = {t.task: TASKS[t.task].columns[0] for t in tables}
     headers = ["SP variant"] + [f"{t.task}: {head[t.task].header.split(' ')[0]} / HF" for t in tables] \
         + ["beats the control, grain removed, on every task"]
@@ -826,8 +831,9 @@ def render_artifact_summary(cfg: Config, tables: list[Table], rows: dict[str, di
     for label, model in ARTIFACT_ROWS:
         cells, every, missing = [], True, False
         for t in tables:
-            h = verdict(head[t.task], values(t.task, model, head[t.task].key), values(t.task, "control", head[t.task].key))
-            g = verdict(_HF, values(t.task, model, _HF.key), values(t.task, "control", _HF.key))
+            values = functools.partial(seed_values, cfg, rows, t.task)
+            h = verdict(head[t.task], values(model, head[t.task].key), values("control", head[t.task].key))
+            g = verdict(_HF, values(model, _HF.key), values("control", _HF.key))
             g = {"better": "closer", "worse": "farther"}.get(g, g)
             cells.append(f"{h} / {g}")
             every = every and h == "better" and g in ("closer", "tie")
@@ -856,23 +862,19 @@ def render_verdicts(cfg: Config, tables: list[Table], rows: dict[str, dict], tas
               "inside it. The HF energy ratio (1 = the data's) shows the grain."), "",
              "| task | metric | MSE base | SP | control | SP − control [95% CI] | floor (real vs real) | verdict "
              "| HF ratio SP / control |", "|---|---|---|---|---|---|---|---|---|"]
-    def got(task: str, model: str, key: str) -> list[float]:
-        found = [rows.get(row_key(cfg, Unit(task, model), s)) for s in cfg.seeds]
-        return [float(r["eval"].get(key, math.nan)) if r is not None else math.nan for r in found]
-
     def mean_text(values: list[float]) -> str:
         finite = [v for v in values if math.isfinite(v)]
         return f"{statistics.fmean(finite):.2f}" if finite else "–"
 
     for task in tasks:
         head = TASKS[task].columns[0]
-        values = {m: got(task, m, head.key) for m in ("mse", "sp", "control")}
+        values = {m: seed_values(cfg, rows, task, m, head.key) for m in ("mse", "sp", "control")}
         floor = task_floors.get(task, {}).get("real", {})
         said = VERDICT_TEXT[verdict(head, values["sp"], values["control"])]
         pairs = [r - c for r, c in zip(values["sp"], values["control"]) if math.isfinite(r) and math.isfinite(c)]
         if pairs and head.key in floor and abs(statistics.fmean(pairs)) < floor[head.key][1]:
             said += " (inside the floor's std)"
-        hf_text = " / ".join(mean_text(got(task, m, _HF.key)) for m in ("sp", "control"))
+        hf_text = " / ".join(mean_text(seed_values(cfg, rows, task, m, _HF.key)) for m in ("sp", "control"))
         lines.append("| " + " | ".join([task, head.header] + [cell([v for v in values[m] if math.isfinite(v)])
                                                                 for m in ("mse", "sp", "control")]
                                        + [paired_cell(head, values["sp"], values["control"]),
