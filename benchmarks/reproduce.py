@@ -410,6 +410,7 @@ class Config:
     sp_lr: dict[str, float] = field(default_factory=dict)  # per task, > 0: the SP runs' (and controls') lr, not the recipe's
     sp_suffix: str = ""          # names the SP-stage runs of a non-default SP length or lr (--sp-steps / --sp-lr)
     sample_seed: int = SAMPLE_SEED
+    jobs: int = 1                # --jobs: worker processes of one torch thread each when > 1
 
 
 class Interrupted(Exception):
@@ -540,7 +541,8 @@ def evaluate_row(cfg: Config, u: Unit, seed: int, checkpoint: Path, rows: dict[s
     row = {"key": key, "scale": cfg.label, "task": u.task, "variant": u.model, "seed": seed,
            "steps": u.steps, "nfe": u.nfe, "guidance": u.guidance, "rescale": u.rescale, "samples": n,
            "size": size, "train_steps": steps, "train_wall_s": wall, "eval_wall_s": round(time.time() - t0, 2),
-           "checkpoint_time": _checkpoint_time(checkpoint), "eval": ev}
+           "checkpoint_time": _checkpoint_time(checkpoint), "torch_threads": torch.get_num_threads(),
+           "jobs": cfg.jobs, "eval": ev}
     with open(cfg.results_dir / "rows.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     rows[key] = row
@@ -671,8 +673,17 @@ def floors(cfg: Config, tasks: list[str]) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------ tables
-def machine() -> str:
-    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+def machine(cfg: Config, rows: list[dict]) -> str:
+    """The CPU, and how the work in `rows` ran: the worker processes and torch threads that each row
+    records, or, for rows from before they were recorded, this run's --jobs (a worker has 1 thread)."""
+    threads = sorted({r["torch_threads"] for r in rows if "torch_threads" in r})
+    jobs = sorted({r["jobs"] for r in rows if "jobs" in r})
+    if not threads:  # older rows: what this invocation would have run them with
+        threads, jobs = [1 if cfg.jobs > 1 else torch.get_num_threads()], [cfg.jobs]
+    t = "/".join(map(str, threads)) + (" torch thread" if threads == [1] else " torch threads")
+    how = (f"{'/'.join(map(str, jobs))} worker processes of {t} each" if max(jobs, default=1) > 1
+           else f"1 process of {t}")
+    return f"{cpu_name()}, {os.cpu_count()} cores, {how}, torch {torch.__version__}"
 
 
 def cell(values: list[float]) -> str:
@@ -902,7 +913,8 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
                "whole reference) would score with real data. photo_patches rows are measured against held-out "
                "patches that share no pixel with the training patches; its \"Training data\" row is n training "
                "patches measured as a model row is.")
-    lines = ["# Small-scale reproduction of the paper's tables", "", f"Machine: {machine()}.", "", intro, "",
+    used = [r for t in tables for _, u in t.rows for s in cfg.seeds if (r := rows.get(row_key(cfg, u, s)))]
+    lines = ["# Small-scale reproduction of the paper's tables", "", f"Machine: {machine(cfg, used)}.", "", intro, "",
              control, ""]
     lines += render_verdicts(cfg, tables, rows, task_floors)
     for t in tables:
@@ -1002,7 +1014,8 @@ def build_config(args: argparse.Namespace) -> Config:
                   seeds=args.seed_list or list(range(args.seeds or scale.seeds)),
                   checkpoint_every=scale.checkpoint_every,
                   work_dir=work_dir, results_dir=results_dir, progress=args.progress,
-                  sp_lr=sp_lr, sp_suffix=sp_suffix, sample_seed=args.sample_seed)
+                  sp_lr=sp_lr, sp_suffix=sp_suffix, sample_seed=args.sample_seed,
+                  jobs=args.worker_of or args.jobs)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1035,6 +1048,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-tables", action="store_true", help="train and evaluate only (what --jobs workers do)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bars")
+    p.add_argument("--worker-of", type=int, default=0, help=argparse.SUPPRESS)  # a --jobs worker: how many run
     args = p.parse_args(argv)
     if args.artifact_tasks == "image":
         args.artifact_tasks = ",".join(t for t in args.tasks.split(",") if t in IMAGE_TASKS)
@@ -1067,7 +1081,8 @@ def worker_argv(args: argparse.Namespace, cfg: Config, seeds: list[int]) -> list
             "--ablation-tasks", ",".join(args.ablation_tasks), "--artifact-tasks", ",".join(args.artifact_tasks),
             "--scale-steps", repr(args.scale_steps), "--sp-steps", str(args.sp_steps), "--sp-lr", repr(args.sp_lr),
             "--sample-seed", str(args.sample_seed),
-            "--work-dir", str(cfg.work_dir), "--results-dir", str(cfg.results_dir), "--no-figures", "--no-tables"]
+            "--work-dir", str(cfg.work_dir), "--results-dir", str(cfg.results_dir), "--no-figures", "--no-tables",
+            "--worker-of", str(args.jobs)]
     return argv + (["--quick"] if args.quick else []) + (["--samples", str(args.samples)] if args.samples else []) \
         + (["--progress"] if args.progress else [])
 

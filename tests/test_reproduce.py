@@ -490,8 +490,20 @@ def test_jobs_workers_run_the_same_configuration_on_their_seeds(tmp_path):
     assert (worker_args.tasks, worker_args.ablation_tasks) == (["circles", "digits"], [])
     assert worker_args.artifact_tasks == args.artifact_tasks == ["circles", "digits"]
     for name in ("label", "mse_steps", "sp_steps", "samples", "sizes", "work_dir", "results_dir", "checkpoint_every",
-                 "sp_lr", "sp_suffix", "sample_seed"):
+                 "sp_lr", "sp_suffix", "sample_seed", "jobs"):
         assert getattr(worker, name) == getattr(cfg, name), name
+    assert cfg.jobs == 2  # a worker's rows record that it was one of 2
+
+
+def test_machine_line_says_how_the_rows_were_made():
+    rp = _load()
+    cfg = rp.build_config(rp.parse_args(["--quick", "--jobs", "2"]))
+    assert "2 worker processes of 1 torch thread each" in rp.machine(cfg, [])  # rows from before the record
+    made = [{"torch_threads": 1, "jobs": 2}, {"torch_threads": 1, "jobs": 2}]
+    assert "2 worker processes of 1 torch thread each" in rp.machine(rp.build_config(rp.parse_args(["--quick"])), made)
+    assert "1 process of 2 torch threads" in rp.machine(cfg, [{"torch_threads": 2, "jobs": 1}])
+    assert "1/2 worker processes of 1/2 torch threads each" in rp.machine(
+        cfg, [{"torch_threads": 1, "jobs": 2}, {"torch_threads": 2, "jobs": 1}])
 
 
 @pytest.mark.slow
