@@ -88,8 +88,8 @@ torch thread per process) with the cores shared by three processes, i.e. about 2
   per seed: circles ~650 s (350 s training, 6 rows), digits_uncond ~550 s, photo_patches ~720 s,
   digits ~1700 s (900 s for 11 runs, 21 rows): ~3600 s of process time, 4 seeds ~14,500 s
   the artifact tables add 27 SP runs and rows per seed (8 on each of circles, digits_uncond and
-  photo_patches, 3 on digits) at ~100 s each (estimated from the step and row times above, not
-  measured yet): ~2,700 s per seed, ~10,800 s for 4 seeds
+  photo_patches, 3 on digits) at ~100 s each (estimated from the step and row times above; the
+  committed run's SP variants took 48-127 s each in a worker): ~2,700 s per seed, ~10,800 s for 4 seeds
   audio (tones, 3000 + 300 + 300 steps) ~640 s per seed with its rows, measured 2026-12-03 with
   another run on the other core; video (4500 + 300 + 300 steps) ~1,500-2,000 s per seed estimated
   from its recipe's run (~12,000 s of process time for 4 seeds, about 1.7 h more with --jobs 2)
@@ -99,7 +99,9 @@ core (~1.5x the speeds above): 25,300 / 1.5 / 2 ~ 8,400 s, about 2.3 h, plus a f
 floors, figures and tables (without the artifact tables, ``--artifact-tasks ''``, about 1.4 h).
 Those figures were measured with 200-step SP runs; at 300 steps the SP runs' and controls'
 training is 1.5x longer, about 20% more in all: ~2.8 h; on
-cores as busy as during the measurement ~3.5 h; in one process ~4.7 h. It resumes where it stopped. The audio task
+cores as busy as during the measurement ~3.5 h; in one process ~4.7 h. Measured 2026-12-03 (the
+committed tables): 3.4 h of wall time with --jobs 2, the first 80 min of it with two other training
+processes on the same 2 cores, so about 2.8 h on idle ones. It resumes where it stopped. The audio task
 adds ~0.4 h with --jobs 2, the video task ~1.7 h. Nothing is cut at this scale: 4 seeds for every table, 300
 samples per row (the digits' floor needs 2 x n <= 1,797 real digits; photo_patches' 2 x n <= 4,096
 held-out patches). `--scale-steps 2` doubles every run (2000 + 600 image steps). The digits are
