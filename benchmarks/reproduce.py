@@ -138,8 +138,8 @@ from sp_step import cpu_name  # noqa: E402  (one CPU naming for both benchmark s
 from perceptual_diffusion.checkpoint import final_checkpoint, list_checkpoints, read_meta
 from perceptual_diffusion.config import Recipe, StageConfig, load_recipe
 from perceptual_diffusion.datasets import build_dataset, build_reference_dataset
-from perceptual_diffusion.evaluation import evaluate, generate, load_model
-from perceptual_diffusion.metrics import real_vs_real_floor
+from perceptual_diffusion.evaluation import evaluate, generate, load_model, reference_images
+from perceptual_diffusion.metrics import radial_power_spectrum, real_vs_real_floor, save_spectrum_plot
 from perceptual_diffusion.images import save_grid
 from perceptual_diffusion.media import save_samples
 from perceptual_diffusion.sampling import ddim_sample
@@ -944,7 +944,11 @@ def render_tables(cfg: Config, tables: list[Table], rows: dict[str, dict], total
               ("`figures/<task>_samples.png`: rows MSE, the control (MSE continued), SP and (conditional tasks) "
                "MSE + CFG 7.5 rescale 0.7, 25 DDIM steps from the same initial noise, seed-0 models (Figures 3 "
                "and 4). `figures/<task>_trajectory.png`: the x0 prediction at 10 of the 25 sampling steps "
-               "(columns); for each of 3 initial noises a MSE row then a SP row (Figure 5). Video tasks: "
+               "(columns); for each of 3 initial noises a MSE row then a SP row (Figure 5). "
+               "`figures/<task>_spectrum.png`: the radially averaged power spectrum (log10 power against "
+               "radius in cycles per image; Hann-tapered) of the data and of the samples of the seed-0 MSE "
+               "base, control and SP, from the rows' noise: grain is SP's curve above the data's at high "
+               "radii. Video tasks: "
                "`figures/<task>_samples.png` has one clip per row (frames in columns), MSE clips then SP clips "
                "from the same noise, and a `.gif` beside it; audio tasks: the spectrograms of MSE clips then SP "
                "clips, and a `.wav` beside it."), ""]
@@ -965,8 +969,9 @@ def write_tables(cfg: Config, tables: list[Table], rows: dict[str, dict]) -> str
 
 # ------------------------------------------------------------------------------ figures
 def figures(cfg: Config, task: str, seed: int, n: int = 10, n_traj: int = 3, columns: int = 10) -> list[Path]:
-    """Figure 3/4 (samples of each model, and of the control, from the same noise) and Figure 5
-    (x0 trajectories)."""
+    """Figure 3/4 (samples of each model, and of the control, from the same noise), Figure 5
+    (x0 trajectories) and, for image tasks, the radially averaged power spectrum of the data and of
+    each model's samples (the rows' sample count, the rows' noise): the grain as a curve."""
     out = cfg.results_dir / "figures"
     mse = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "mse"), "mse"))
     sp = load_model(final_checkpoint(run_dir_of(cfg, task, seed, "sp"), "sp"))
@@ -994,6 +999,13 @@ def figures(cfg: Config, task: str, seed: int, n: int = 10, n_traj: int = 3, col
              for m in (mse, sp)]  # each [columns x N x C x H x W]
     grid = torch.stack([trajs[k][:, i] for i in range(n_traj) for k in range(2)])  # [2N x columns x ...]
     paths.append(save_grid(grid.flatten(0, 1), out / f"{task}_trajectory.png", nrow=columns, scale=scale))
+
+    m = cfg.samples[task]
+    curves = {"data": radial_power_spectrum(reference_images(r))}
+    for label, model in (("MSE base", mse), ("MSE continued (control)", control), ("SP", sp)):
+        curves[label] = radial_power_spectrum(generate(model, m, 25, seed=cfg.sample_seed).samples)
+    paths.append(save_spectrum_plot(curves, out / f"{task}_spectrum.png", nyquist=cfg.sizes[task] // 2,
+                                    title=f"{task}: log10 power by radius, seed-{seed} models, {m} samples"))
     return paths
 
 

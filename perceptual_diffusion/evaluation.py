@@ -23,7 +23,7 @@ from .builders import (WEIGHTS_KEY, build_latent, build_model, build_schedule, c
                        to_data)
 
 __all__ = ["LoadedModel", "Generated", "load_model", "generate", "evaluate", "MetricSpec", "METRIC_SPECS",
-           "METRICS", "METRIC_MODALITY", "metrics_for"]
+           "METRICS", "METRIC_MODALITY", "metrics_for", "reference_images", "REFERENCE_SUBSET"]
 
 
 @dataclass
@@ -117,7 +117,9 @@ def generate(
 REFERENCE_SUBSET = 10_000
 
 
-def _reference_images(recipe: Recipe, limit: int) -> Tensor:
+def reference_images(recipe: Recipe, limit: int = REFERENCE_SUBSET) -> Tensor:
+    """The data images the metrics score samples against: `limit` items of the recipe's reference
+    dataset in a fixed random order (seed 0), stacked [N x C x H x W]."""
     data = build_reference_dataset(recipe.data)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
     return torch.stack([data[int(i)]["x"] for i in idx])
@@ -161,7 +163,7 @@ def _inception(loaded: LoadedModel, gen: Generated, inception_net: torch.nn.Modu
 
     def ref_batches():
         nonlocal ref_images
-        ref_images = _reference_images(r, 50_000) if ref_images is None else ref_images
+        ref_images = reference_images(r, 50_000) if ref_images is None else ref_images
         return ref_images.split(64)
 
     ref = cached_statistics(cache, key, ref_batches, net, keep_features=REFERENCE_SUBSET)
@@ -172,7 +174,7 @@ def _spectrum(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]
     """Radially averaged power spectrum of the samples against REFERENCE_SUBSET data images."""
     from .metrics.spectrum import spectrum_metrics
 
-    return spectrum_metrics(gen.samples, _reference_images(loaded.recipe, REFERENCE_SUBSET))
+    return spectrum_metrics(gen.samples, reference_images(loaded.recipe, REFERENCE_SUBSET))
 
 
 def _patches(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
@@ -180,7 +182,7 @@ def _patches(loaded: LoadedModel, gen: Generated, **_: Any) -> dict[str, float]:
     Laplacian, against REFERENCE_SUBSET data images."""
     from .metrics.patches import patches_metrics
 
-    return patches_metrics(gen.samples, _reference_images(loaded.recipe, REFERENCE_SUBSET))
+    return patches_metrics(gen.samples, reference_images(loaded.recipe, REFERENCE_SUBSET))
 
 
 @dataclass(frozen=True)

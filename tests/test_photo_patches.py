@@ -16,7 +16,7 @@ from perceptual_diffusion.config import DataConfig, load_recipe
 from perceptual_diffusion.datasets import (DATASETS, PhotoPatchesDataset, build_dataset, build_reference_dataset,
                                            modality, num_classes, sample_shape)
 from perceptual_diffusion.datasets.photos import SCALES, load_photos, photo_tiles
-from perceptual_diffusion.evaluation import METRIC_MODALITY, METRICS, _reference_images
+from perceptual_diffusion.evaluation import METRIC_MODALITY, METRICS, reference_images
 from perceptual_diffusion.metrics import real_vs_real_floor
 from perceptual_diffusion.metrics.patches import laplacian, mean_abs_laplacian, patch_features, patches_metrics
 from perceptual_diffusion.trainer import Trainer
@@ -120,7 +120,7 @@ def test_registry_and_recipe():
     assert r.sp.init_weights == "frozen" and r.sp.perceptual_weights == "ema" and r.sp.lr < r.mse.lr
     assert len(build_dataset(r.data)) == 4096
     # metrics measure samples against the held-out split
-    ref = _reference_images(load_recipe(RECIPE, ["data.num_items=48"]), 10_000)
+    ref = reference_images(load_recipe(RECIPE, ["data.num_items=48"]), 10_000)
     held = PhotoPatchesDataset(48, 16, 1, 0, "heldout").images
     assert ref.shape == held.shape
     torch.testing.assert_close(ref.sum(0), held.sum(0))  # the same patches, in another order

@@ -368,7 +368,7 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
     floors = json.loads((results / "floors.json").read_text())
     assert {k.split("|")[0] for k in floors} == set(rp.IMAGE_TASKS)
     for task in rp.IMAGE_TASKS:
-        for kind in ("samples", "trajectory"):
+        for kind in ("samples", "trajectory", "spectrum"):
             img = Image.open(results / "figures" / f"{task}_{kind}.png")
             assert img.width > 100 and img.height > 30
     # samples: 10 per row, rows MSE / control / SP (/ MSE + CFG): 4 x (16 x 3 + 1) + 1 px high for digits
