@@ -356,7 +356,11 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "AMD" in text or "cores" in text  # the machine line
     assert re.search(r"Training: MSE 30 steps \(\d+ s per seed\), then SP 15 steps", text)
     sections = text.split("## ")[1:-1]  # the last is the figures' legend
-    assert len(sections) == 4 + 4 + 5 + 1 + 3 + 1 + 1
+    assert len(sections) == 1 + 4 + 4 + 5 + 1 + 3 + 1 + 1
+    verdicts = sections.pop(0)  # the per-task verdicts open the tables
+    assert verdicts.startswith("Does SP beat its matched control?")
+    for task in rp.IMAGE_TASKS:
+        assert re.search(rf"^\| {task} \| .*\| (SP better|SP worse|not resolved)", verdicts, re.M), task
     assert sections[-2].startswith("SP variants and the grain (circles)")
     summary = sections.pop()  # verdicts, not figures
     assert summary.startswith("SP variants against the control on every task") and "| Every tap | " in summary
