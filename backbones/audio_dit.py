@@ -121,7 +121,7 @@ class AudioDiT(DiT):
 
     POSITIONAL_DIMS: ClassVar[int] = 1
     EXAMPLE_INPUT_SHAPE: ClassVar[tuple[int, ...]] = (1, 256)
-    RECOMMENDED_LR: ClassVar[dict[str, tuple[float, int]]] = {"tiny": (1e-3, 50)}
+    RECOMMENDED_LR: ClassVar[dict[str, tuple[float, int]]] = {"tiny": (1e-3, 50), "default": (3e-4, 200)}
     PRESETS: ClassVar[dict[str, AudioDiTConfig]] = {
         "tiny": AudioDiTConfig(patch_size=16, hidden_dim=64, depth=4, num_heads=4, qk_norm=False),
         "default": AudioDiTConfig(),

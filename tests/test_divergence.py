@@ -229,7 +229,7 @@ def test_a_resumed_run_keeps_the_statistic(recipe_file, tmp_path, spiking):
 
 # ---------------------------------------------------------------------------------- the presets' lr
 def test_presets_carry_the_lr_they_were_measured_to_train_at():
-    from backbones import ImageDiT, ImageUNet, VideoUNet
+    from backbones import AudioDiT, ImageDiT, ImageUNet, VideoUNet
 
     assert ImageUNet.lr_advice("tiny", 1e-3, 50) is None  # the shipped recipes' setting
     assert ImageUNet.lr_advice("small", 1.0, 0) is None  # not measured: no advice
@@ -239,6 +239,10 @@ def test_presets_carry_the_lr_they_were_measured_to_train_at():
     assert VideoUNet.lr_advice("tiny", 1.4e-3, 50) is None and VideoUNet.lr_advice("tiny", 2e-3, 50)
     assert ImageDiT.lr_advice("tiny", 1e-3, 50) is None  # digits_dit.toml as shipped
     assert ImageDiT.lr_advice("default", 1e-3, 50).endswith("consider --set mse.lr=0.0003 --set mse.warmup_steps=200")
+    assert AudioDiT.lr_advice("tiny", 1e-3, 50) is None  # tones.toml as shipped
+    assert AudioDiT.lr_advice("default", 3e-4, 200) is None
+    assert AudioDiT.lr_advice("default", 1e-3, 50).startswith("mse.lr = 0.001 is 3.3x the lr measured to train the AudioDiT")
+    assert VideoUNet.lr_advice("default", 1.0, 0) is None  # not measured yet
 
 
 def test_training_a_preset_from_scratch_above_its_lr_warns_once(recipe_file, tmp_path, caplog):
