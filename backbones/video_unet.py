@@ -168,7 +168,7 @@ class VideoUNet(UNet):
     POSITIONAL_DIMS: ClassVar[int] = 3  # F x H x W; the frames are folded into the batch
     SHARD_UNITS: ClassVar[tuple[str, ...]] = ("_SpaceTimeBlock",)  # FSDP units
     EXAMPLE_INPUT_SHAPE: ClassVar[tuple[int, ...]] = (1, 4, 16, 16)
-    RECOMMENDED_LR: ClassVar[dict[str, tuple[float, int]]] = {"tiny": (1e-3, 50)}
+    RECOMMENDED_LR: ClassVar[dict[str, tuple[float, int]]] = {"tiny": (1e-3, 50), "default": (3e-4, 200)}
     PRESETS: ClassVar[dict[str, VideoUNetConfig]] = {
         "tiny": VideoUNetConfig(
             base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),

@@ -242,7 +242,8 @@ def test_presets_carry_the_lr_they_were_measured_to_train_at():
     assert AudioDiT.lr_advice("tiny", 1e-3, 50) is None  # tones.toml as shipped
     assert AudioDiT.lr_advice("default", 3e-4, 200) is None
     assert AudioDiT.lr_advice("default", 1e-3, 50).startswith("mse.lr = 0.001 is 3.3x the lr measured to train the AudioDiT")
-    assert VideoUNet.lr_advice("default", 1.0, 0) is None  # not measured yet
+    assert VideoUNet.lr_advice("default", 3e-4, 200) is None  # moving_shapes.toml, measured
+    assert VideoUNet.lr_advice("default", 1e-3, 50).startswith("mse.lr = 0.001 is 3.3x the lr measured to train the VideoUNet")
 
 
 def test_training_a_preset_from_scratch_above_its_lr_warns_once(recipe_file, tmp_path, caplog):
